@@ -1,0 +1,371 @@
+//! What a check returns: an allow with a [`Permit`], or a [`Denial`]; and the response headers
+//! a gateway sends for either.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::behavior::Level;
+use crate::limit::{Algo, Unit};
+use crate::subject::SubjectKind;
+use crate::table::Entry;
+use crate::warden::Warden;
+
+/// A short inline string (limit names, denial reasons): no allocation, no shared counters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct InlineStr {
+    buf: [u8; 48],
+    len: u8,
+}
+
+impl InlineStr {
+    pub(crate) fn new(parts: &[&str]) -> Self {
+        let mut buf = [0u8; 48];
+        let mut len = 0usize;
+        for p in parts {
+            for &b in p.as_bytes() {
+                if len < buf.len() {
+                    buf[len] = b;
+                    len += 1;
+                }
+            }
+        }
+        // Names are ASCII (validated), so truncation never splits a character.
+        Self {
+            buf,
+            len: len as u8,
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl fmt::Debug for InlineStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+/// The state of one limit, for response headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimitStatus {
+    /// The quota: burst of a token bucket, limit of a window, token capacity.
+    pub limit: u64,
+    /// How much is left now.
+    pub remaining: u64,
+    /// Time until the limit is back to its full quota (end of the window for a sliding window).
+    pub reset: Duration,
+    /// The window the quota refers to (`burst / rate` for a bucket).
+    pub window: Duration,
+    name: InlineStr,
+}
+
+impl LimitStatus {
+    /// The limit's name, as in the policy (`requests_per_minute`).
+    pub fn name(&self) -> &str {
+        self.name.as_str()
+    }
+}
+
+/// The most constrained request limit and token limit of a decision.
+///
+/// "Most constrained" is the limit with the smallest share of its quota left.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimitInfo {
+    /// The tightest limit counted in requests (token bucket or sliding window).
+    pub requests: Option<LimitStatus>,
+    /// The tightest limit counted in tokens.
+    pub tokens: Option<LimitStatus>,
+}
+
+/// A limit and the state it had, kept until headers are asked for (no division on the hot
+/// path).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Candidate {
+    pub(crate) algo: Algo,
+    pub(crate) state: u64,
+    pub(crate) name: InlineStr,
+}
+
+impl Candidate {
+    fn status(&self, now: u64) -> LimitStatus {
+        let cell = crate::limit::AtomicU64::new(self.state);
+        let (remaining, reset) = self.algo.remaining(&cell, now);
+        LimitStatus {
+            limit: self.algo.quota(),
+            remaining,
+            reset: Duration::from_nanos(reset),
+            window: Duration::from_nanos(self.algo.window_ns()),
+            name: self.name,
+        }
+    }
+}
+
+pub(crate) fn info(now: u64, req: &Option<Candidate>, tok: &Option<Candidate>) -> RateLimitInfo {
+    RateLimitInfo {
+        requests: req.map(|c| c.status(now)),
+        tokens: tok.map(|c| c.status(now)),
+    }
+}
+
+/// The outcome of [`Warden::check`].
+#[derive(Debug)]
+#[must_use = "a Permit must be kept until the response is done, then settled or dropped"]
+pub enum Decision<'a> {
+    /// Serve the request; keep the permit until the response is done.
+    Allow(Permit<'a>),
+    /// Refuse the request.
+    Deny(Denial),
+}
+
+impl Decision<'_> {
+    /// Whether the request is allowed.
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Decision::Allow(_))
+    }
+
+    /// The response headers for this decision (see [`Permit::headers`] and [`Denial::headers`]).
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Decision::Allow(p) => p.headers(),
+            Decision::Deny(d) => d.headers(),
+        }
+    }
+
+    /// The highest escalation level among the request's subjects at decision time.
+    pub fn level(&self) -> Level {
+        match self {
+            Decision::Allow(p) => p.inner.level,
+            Decision::Deny(d) => d.level,
+        }
+    }
+}
+
+/// Why a request was refused, and when to retry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denial {
+    pub(crate) kind: SubjectKind,
+    pub(crate) reason: InlineStr,
+    pub(crate) behavior: Option<Level>,
+    pub(crate) retry_after: Option<Duration>,
+    pub(crate) level: Level,
+    pub(crate) info: RateLimitInfo,
+}
+
+impl Denial {
+    /// The kind of subject that refused (for a behavioural denial, the subject at that level).
+    pub fn subject_kind(&self) -> SubjectKind {
+        self.kind
+    }
+
+    /// `kind:limit` for a classic limit (`api_key:requests_per_minute`), or
+    /// `behavior:challenge` / `behavior:block`.
+    pub fn reason(&self) -> &str {
+        self.reason.as_str()
+    }
+
+    /// The limit's name (`requests_per_minute`), or `challenge` / `block`.
+    pub fn limit(&self) -> &str {
+        let r = self.reason.as_str();
+        r.split_once(':').map_or(r, |(_, l)| l)
+    }
+
+    /// The escalation level behind a behavioural denial (`Challenge` or `Block`), `None` for a
+    /// classic limit.
+    pub fn behavior(&self) -> Option<Level> {
+        self.behavior
+    }
+
+    /// When the same request could conform, assuming no other traffic. `None` when it never
+    /// can under the current limits (its cost exceeds the limit's capacity) or the subject is
+    /// blocked or challenged.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The highest escalation level among the request's subjects.
+    pub fn level(&self) -> Level {
+        self.level
+    }
+
+    /// State of the most constrained limits (the refusing one among them).
+    pub fn rate_limit(&self) -> RateLimitInfo {
+        self.info
+    }
+
+    /// Response headers: the rate-limit set of [`Permit::headers`] plus `Retry-After` in whole
+    /// seconds, rounded up and never 0.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut h = crate::headers::rate_limit_headers(&self.info);
+        if let Some(s) = crate::headers::retry_after_secs(self.retry_after) {
+            h.push(("retry-after", s.to_string()));
+        }
+        h
+    }
+}
+
+/// The handles a permit keeps on the subjects it charged.
+#[derive(Debug, Default)]
+pub(crate) struct PermitInner {
+    pub(crate) now: u64,
+    pub(crate) handles: [Option<Arc<Entry>>; 3],
+    /// Cost multiplier applied per subject (throttle).
+    pub(crate) mult: [u64; 3],
+    pub(crate) input_tokens: u64,
+    pub(crate) expected_output: u64,
+    pub(crate) level: Level,
+    pub(crate) req: Option<Candidate>,
+    pub(crate) tok: Option<Candidate>,
+    pub(crate) done: bool,
+}
+
+impl PermitInner {
+    pub(crate) fn settle(&mut self, warden: &Warden, actual_output: u64) {
+        if self.done {
+            return;
+        }
+        let now = warden.now();
+        let charged = self.input_tokens.saturating_add(self.expected_output);
+        let actual = self.input_tokens.saturating_add(actual_output);
+        for (i, h) in self.handles.iter().enumerate() {
+            let Some(h) = h else { continue };
+            let e = h.latest();
+            let m = self.mult[i].max(1);
+            let (extra, refund) = if actual >= charged {
+                ((actual - charged).saturating_mul(m), 0)
+            } else {
+                (0, (charged - actual).saturating_mul(m))
+            };
+            for (l, c) in e.set.limits.iter().zip(e.cells.iter()) {
+                l.algo.settle(c, now, extra, refund);
+            }
+            if let Some(b) = &e.behavior {
+                warden.behavior_settle(&e, b, actual_output, now);
+            }
+        }
+        self.release(now);
+    }
+
+    fn release(&mut self, now: u64) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        for (i, h) in self.handles.iter().enumerate() {
+            let Some(h) = h else { continue };
+            let e = h.latest();
+            for (l, c) in e.set.limits.iter().zip(e.cells.iter()) {
+                if l.algo.unit() == Unit::InFlight {
+                    l.algo.rollback(c, now, self.mult[i].max(1), now);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn drop_release(&mut self, warden: &Warden) {
+        if !self.done {
+            self.release(warden.now());
+        }
+    }
+}
+
+/// An admitted request. Keep it until the response is done: dropping it releases concurrency
+/// slots, and [`settle`](Permit::settle) corrects the token charge to the actual output.
+///
+/// If a permit is dropped without settling, the up-front token estimate stays charged.
+#[derive(Debug)]
+pub struct Permit<'a> {
+    pub(crate) warden: &'a Warden,
+    pub(crate) inner: PermitInner,
+}
+
+impl Permit<'_> {
+    /// Charges or refunds the difference between the expected and the actual output tokens,
+    /// feeds the output size to the behavioural signals, and releases concurrency slots.
+    ///
+    /// A debt (more output than the estimate) is always charged, even past the limit: it
+    /// delays later requests and is never lost.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ratewarden::{Decision, ManualClock, Policy, Request, Warden};
+    /// let w = Warden::builder().policy(Policy::llm_api()).clock(ManualClock::new()).build().unwrap();
+    /// let req = Request::new("k", "o", "192.0.2.1".parse().unwrap()).input_tokens(10).expected_output_tokens(1000);
+    /// if let Decision::Allow(p) = w.check(&req) {
+    ///     p.settle(12);
+    /// }
+    /// ```
+    pub fn settle(mut self, actual_output_tokens: u64) {
+        self.inner.settle(self.warden, actual_output_tokens);
+    }
+
+    /// The most constrained request and token limits, for headers.
+    pub fn rate_limit(&self) -> RateLimitInfo {
+        info(self.inner.now, &self.inner.req, &self.inner.tok)
+    }
+
+    /// The highest escalation level among the request's subjects.
+    pub fn level(&self) -> Level {
+        self.inner.level
+    }
+
+    /// Response headers for an allowed request: `RateLimit-Policy` and `RateLimit` (IETF draft,
+    /// Structured Fields syntax) and the OpenAI-style `x-ratelimit-*-requests` and
+    /// `x-ratelimit-*-tokens` fields.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        crate::headers::rate_limit_headers(&self.rate_limit())
+    }
+
+    /// Detaches the permit from the borrow of the warden, for hosts that keep it across an
+    /// `await` or inside a response body. `warden` must be the warden that issued it.
+    pub fn into_owned(mut self, warden: Arc<Warden>) -> OwnedPermit {
+        debug_assert!(std::ptr::eq(Arc::as_ptr(&warden), self.warden));
+        let inner = std::mem::take(&mut self.inner);
+        self.inner.done = true;
+        OwnedPermit { warden, inner }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.inner.drop_release(self.warden);
+    }
+}
+
+/// A [`Permit`] that owns a handle on its warden (`'static`), from [`Permit::into_owned`].
+#[derive(Debug)]
+pub struct OwnedPermit {
+    warden: Arc<Warden>,
+    inner: PermitInner,
+}
+
+impl OwnedPermit {
+    /// As [`Permit::settle`].
+    pub fn settle(mut self, actual_output_tokens: u64) {
+        self.inner.settle(&self.warden, actual_output_tokens);
+    }
+
+    /// As [`Permit::rate_limit`].
+    pub fn rate_limit(&self) -> RateLimitInfo {
+        info(self.inner.now, &self.inner.req, &self.inner.tok)
+    }
+
+    /// As [`Permit::headers`].
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        crate::headers::rate_limit_headers(&self.rate_limit())
+    }
+
+    /// As [`Permit::level`].
+    pub fn level(&self) -> Level {
+        self.inner.level
+    }
+}
+
+impl Drop for OwnedPermit {
+    fn drop(&mut self) {
+        self.inner.drop_release(&self.warden);
+    }
+}

@@ -1,0 +1,4 @@
+//! Escalation hooks (placeholder).
+
+/// Receives escalation events.
+pub trait EscalationHook: Send + Sync + std::fmt::Debug + 'static {}

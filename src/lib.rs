@@ -1,0 +1,25 @@
+#![doc = include_str!("../README.md")]
+
+mod behavior;
+mod clock;
+mod decision;
+mod headers;
+mod hooks;
+mod limit;
+mod policy;
+mod request;
+mod stats;
+mod subject;
+mod table;
+mod warden;
+
+pub use behavior::{BehaviorPolicy, Level};
+pub use clock::{Clock, InstantClock, ManualClock, SystemClock};
+pub use decision::{Decision, Denial, LimitStatus, OwnedPermit, Permit, RateLimitInfo};
+pub use headers::{rate_limit_headers, retry_after_secs};
+pub use hooks::EscalationHook;
+pub use policy::{ClusterConfig, ConfigError, LimitConfig, Override, Period, Policy, TableConfig};
+pub use request::Request;
+pub use stats::WardenStats;
+pub use subject::{IpCluster, SubjectId, SubjectKind};
+pub use warden::{Warden, WardenBuilder};

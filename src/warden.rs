@@ -1,0 +1,574 @@
+//! The engine: `check` across subjects (all-or-nothing), permits, policy swaps, maintenance.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+
+use crate::behavior::{Level, Slot as BehaviorSlot};
+use crate::clock::{Clock, SystemClock};
+use crate::decision::{Candidate, Decision, Denial, InlineStr, Permit, PermitInner, RateLimitInfo};
+use crate::limit::{Outcome, Unit};
+use crate::policy::{compile, Compiled, ConfigError, LimitSet, Policy};
+use crate::request::Request;
+use crate::stats::{Counter, Counters, WardenStats};
+use crate::subject::{IpCluster, SubjectKind};
+use crate::table::{Entry, Table};
+
+/// Builds a [`Warden`].
+///
+/// # Examples
+///
+/// ```
+/// use ratewarden::{ManualClock, Policy, Warden};
+/// let warden = Warden::builder()
+///     .policy(Policy::llm_api())
+///     .clock(ManualClock::new())
+///     .build()
+///     .expect("valid policy");
+/// # let _ = warden;
+/// ```
+#[derive(Debug, Default)]
+pub struct WardenBuilder {
+    policy: Option<Policy>,
+    clock: Option<Arc<dyn Clock>>,
+    pub(crate) hooks: Vec<Arc<dyn crate::hooks::EscalationHook>>,
+    pub(crate) event_capacity: Option<usize>,
+}
+
+impl WardenBuilder {
+    /// The policy (default: [`Policy::llm_api`]).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// The clock (default: [`SystemClock`]). Tests and replay pass a [`ManualClock`](crate::ManualClock).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// Validates the policy and builds the warden.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the first invalid field.
+    pub fn build(self) -> Result<Warden, ConfigError> {
+        let policy = self.policy.unwrap_or_else(Policy::llm_api);
+        let compiled = compile(&policy, 1)?;
+        let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
+        let now = clock.now_nanos();
+        let overflow = |k: SubjectKind| {
+            Entry::new(
+                compiled.defaults[k.index()].clone(),
+                compiled.generation,
+                now,
+                None,
+            )
+        };
+        let (max, idle) = (compiled.max_subjects, compiled.idle_ns);
+        let behavior =
+            crate::behavior::Engine::new(&compiled.behavior, self.hooks, self.event_capacity);
+        Ok(Warden {
+            keys: Table::new(max, idle, overflow(SubjectKind::ApiKey)),
+            orgs: Table::new(max, idle, overflow(SubjectKind::Org)),
+            clusters: Table::new(max, idle, overflow(SubjectKind::IpCluster)),
+            policy: ArcSwap::from_pointee(compiled),
+            policy_lock: Mutex::new(()),
+            clock,
+            counters: Counters::default(),
+            behavior,
+        })
+    }
+}
+
+/// The rate limiter a gateway calls on every request.
+///
+/// One `Warden` serves all threads: share it by reference or in an `Arc`. It needs no async
+/// runtime and spawns no threads.
+///
+/// # Examples
+///
+/// ```
+/// use ratewarden::{Decision, ManualClock, Policy, Request, Warden};
+///
+/// let warden = Warden::builder().policy(Policy::llm_api()).clock(ManualClock::new()).build()?;
+/// let req = Request::new("sk-proj-abc", "org-acme", "198.51.100.23".parse().unwrap())
+///     .input_tokens(400)
+///     .expected_output_tokens(800);
+/// match warden.check(&req) {
+///     Decision::Allow(permit) => {
+///         assert!(!permit.headers().is_empty());
+///         permit.settle(640);
+///     }
+///     Decision::Deny(denial) => unreachable!("{}", denial.reason()),
+/// }
+/// # Ok::<(), ratewarden::ConfigError>(())
+/// ```
+#[derive(Debug)]
+pub struct Warden {
+    keys: Table<Box<str>>,
+    orgs: Table<Box<str>>,
+    clusters: Table<u128>,
+    policy: ArcSwap<Compiled>,
+    policy_lock: Mutex<()>,
+    clock: Arc<dyn Clock>,
+    counters: Counters,
+    pub(crate) behavior: crate::behavior::Engine,
+}
+
+/// Up to this many limits across the three subjects are tracked for rollback without
+/// allocating; larger policies still work (they recompute).
+type Subjects<'a> = [Option<&'a Arc<Entry>>; 3];
+
+impl Warden {
+    /// A builder with the `llm_api` preset and the system clock.
+    pub fn builder() -> WardenBuilder {
+        WardenBuilder::default()
+    }
+
+    /// The warden's clock, read once.
+    #[inline]
+    pub(crate) fn now(&self) -> u64 {
+        self.clock.now_nanos()
+    }
+
+    fn new_entry(
+        &self,
+        set: &Arc<LimitSet>,
+        generation: u64,
+        now: u64,
+        kind: SubjectKind,
+        pol: &Compiled,
+    ) -> Entry {
+        let b = if pol.behavior.enabled {
+            Some(BehaviorSlot::new(kind, now, set.exempt))
+        } else {
+            None
+        };
+        Entry::new(set.clone(), generation, now, b)
+    }
+
+    /// Decides one request: evaluates every limit of every subject of the request (api key,
+    /// org, ip cluster), and the behavioural levels. If anything refuses, nothing is charged.
+    ///
+    /// Concurrency: lock-free on the limit cells (CAS loops); one shard read lock per subject,
+    /// held only during the call; a shard write lock the first time a subject is seen. Hooks
+    /// run after every lock is released.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ratewarden::{Decision, ManualClock, Policy, Request, Warden};
+    /// let w = Warden::builder().policy(Policy::llm_api()).clock(ManualClock::new()).build().unwrap();
+    /// let ip = "192.0.2.7".parse().unwrap();
+    /// let mut allowed = 0;
+    /// for _ in 0..25 {
+    ///     if w.check(&Request::new("k", "o", ip)).is_allowed() {
+    ///         allowed += 1;
+    ///     }
+    /// }
+    /// assert_eq!(allowed, 20); // the api key's burst
+    /// ```
+    pub fn check(&self, req: &Request<'_>) -> Decision<'_> {
+        let now = self.clock.now_nanos();
+        let pol = self.policy.load();
+        let generation = pol.generation;
+        let cluster = IpCluster::new(req.ip, pol.v4_prefix, pol.v6_prefix);
+
+        let anon_id;
+        let key_slot = match req.api_key {
+            Some(k) => {
+                let set = || pol.set_for_name(SubjectKind::ApiKey, k);
+                self.keys.get_or_insert(
+                    k,
+                    now,
+                    generation,
+                    || k.into(),
+                    || self.new_entry(set(), generation, now, SubjectKind::ApiKey, &pol),
+                )
+            }
+            None => {
+                anon_id = format!("anon:{cluster}");
+                let id = anon_id.as_str();
+                self.keys.get_or_insert(
+                    id,
+                    now,
+                    generation,
+                    || id.into(),
+                    || self.new_entry(&pol.anonymous, generation, now, SubjectKind::ApiKey, &pol),
+                )
+            }
+        };
+        let org_slot = req.org.map(|o| {
+            self.orgs.get_or_insert(
+                o,
+                now,
+                generation,
+                || o.into(),
+                || {
+                    self.new_entry(
+                        pol.set_for_name(SubjectKind::Org, o),
+                        generation,
+                        now,
+                        SubjectKind::Org,
+                        &pol,
+                    )
+                },
+            )
+        });
+        let bits = cluster.bits();
+        let cl_slot = self.clusters.get_or_insert(
+            &bits,
+            now,
+            generation,
+            || bits,
+            || {
+                self.new_entry(
+                    pol.set_for_cluster(bits),
+                    generation,
+                    now,
+                    SubjectKind::IpCluster,
+                    &pol,
+                )
+            },
+        );
+        let subjects: Subjects<'_> = [Some(&*key_slot), org_slot.as_deref(), Some(&*cl_slot)];
+
+        // Behavioural levels, read before any charge.
+        let levels = self.behavior.levels(&subjects, now, &pol.behavior);
+        let level = levels.iter().copied().max().unwrap_or(Level::Normal);
+        let mult = levels.map(|l| self.behavior.multiplier(l, &pol.behavior));
+        if let Some((si, l)) = self.behavior.denying(&levels, &pol.behavior) {
+            self.counters.bump(Counter::DeniedBehavior);
+            let denial = Denial {
+                kind: SubjectKind::ALL[si],
+                reason: InlineStr::new(&["behavior:", l.as_str()]),
+                behavior: Some(l),
+                retry_after: None,
+                level,
+                info: RateLimitInfo::default(),
+            };
+            self.behavior
+                .observe(&subjects, req, cluster, now, &pol.behavior, [0.0; 3], true);
+            drop((key_slot, org_slot, cl_slot));
+            self.behavior.dispatch();
+            return Decision::Deny(denial);
+        }
+
+        let token_cost = req.token_cost();
+        let cost_of = |unit: Unit, m: u64| -> Option<u64> {
+            match unit {
+                Unit::Requests => req.requests.checked_mul(m),
+                Unit::Tokens => token_cost.and_then(|t| t.checked_mul(m)),
+                Unit::InFlight => Some(m),
+            }
+        };
+
+        // Peek: would everything conform? Writes nothing.
+        let mut refusal: Option<(usize, usize)> = None;
+        let mut wait: Option<u64> = Some(0);
+        for (si, e) in subjects.iter().enumerate() {
+            let Some(e) = e else { continue };
+            for (li, (l, c)) in e.set.limits.iter().zip(e.cells.iter()).enumerate() {
+                let out = match cost_of(l.algo.unit(), mult[si]) {
+                    Some(cost) => l.algo.peek(c, now, cost),
+                    None => Outcome::Refused(None),
+                };
+                if let Outcome::Refused(w) = out {
+                    refusal.get_or_insert((si, li));
+                    wait = match (wait, w) {
+                        (Some(a), Some(b)) => Some(a.max(b)),
+                        _ => None,
+                    };
+                }
+            }
+        }
+
+        // Commit: charge each limit with a CAS that re-checks conformance; on a refusal caused
+        // by a concurrent request, roll back what this check charged.
+        if refusal.is_none() {
+            'commit: for (si, e) in subjects.iter().enumerate() {
+                let Some(e) = e else { continue };
+                for (li, (l, c)) in e.set.limits.iter().zip(e.cells.iter()).enumerate() {
+                    let cost = cost_of(l.algo.unit(), mult[si]).unwrap_or(u64::MAX);
+                    if let Outcome::Refused(w) = l.algo.try_charge(c, now, cost) {
+                        refusal = Some((si, li));
+                        wait = w;
+                        self.rollback(&subjects, si, li, &cost_of, &mult, now);
+                        break 'commit;
+                    }
+                }
+            }
+        }
+
+        let pressure = pressures(&subjects, now);
+        if let Some((si, li)) = refusal {
+            let e = subjects[si].expect("refusing subject exists");
+            let l = &e.set.limits[li];
+            self.counters.bump(match l.algo.unit() {
+                Unit::Requests => Counter::DeniedRate,
+                Unit::Tokens => Counter::DeniedTokens,
+                Unit::InFlight => Counter::DeniedConcurrency,
+            });
+            let cand = Candidate {
+                algo: l.algo,
+                state: e.cells[li].load(std::sync::atomic::Ordering::Acquire),
+                name: InlineStr::new(&[&l.name]),
+            };
+            let (req_c, tok_c) = match l.algo.unit() {
+                Unit::Tokens => (None, Some(cand)),
+                _ => (Some(cand), None),
+            };
+            let denial = Denial {
+                kind: e.set.kind,
+                reason: InlineStr::new(&[&l.reason]),
+                behavior: None,
+                retry_after: wait.map(std::time::Duration::from_nanos),
+                level,
+                info: crate::decision::info(now, &req_c, &tok_c),
+            };
+            self.behavior
+                .observe(&subjects, req, cluster, now, &pol.behavior, pressure, true);
+            drop((key_slot, org_slot, cl_slot));
+            self.behavior.dispatch();
+            return Decision::Deny(denial);
+        }
+
+        self.counters.bump(Counter::Allowed);
+        let mut inner = PermitInner {
+            now,
+            mult,
+            input_tokens: req.input_tokens,
+            expected_output: req.expected_output_tokens,
+            level,
+            ..PermitInner::default()
+        };
+        let mut best: [Option<(u128, u128, usize, usize, u64)>; 2] = [None, None];
+        for (si, e) in subjects.iter().enumerate() {
+            let Some(e) = e else { continue };
+            if e.set.needs_handle || e.behavior.is_some() {
+                inner.handles[si] = Some(Arc::clone(e));
+            }
+            for (li, (l, c)) in e.set.limits.iter().zip(e.cells.iter()).enumerate() {
+                let slot = match l.algo.unit() {
+                    Unit::Requests => 0,
+                    Unit::Tokens => 1,
+                    Unit::InFlight => continue,
+                };
+                let state = c.load(std::sync::atomic::Ordering::Relaxed);
+                let (num, den) = headroom(&l.algo, state, now);
+                match best[slot] {
+                    Some((n, d, ..)) if num * d >= n * den => {}
+                    _ => best[slot] = Some((num, den, si, li, state)),
+                }
+            }
+        }
+        let cand = |b: Option<(u128, u128, usize, usize, u64)>| {
+            b.and_then(|(_, _, si, li, state)| {
+                let l = &subjects[si]?.set.limits[li];
+                Some(Candidate {
+                    algo: l.algo,
+                    state,
+                    name: InlineStr::new(&[&l.name]),
+                })
+            })
+        };
+        inner.req = cand(best[0]);
+        inner.tok = cand(best[1]);
+        self.behavior
+            .observe(&subjects, req, cluster, now, &pol.behavior, pressure, false);
+        drop((key_slot, org_slot, cl_slot));
+        self.behavior.dispatch();
+        Decision::Allow(Permit {
+            warden: self,
+            inner,
+        })
+    }
+
+    /// Undoes the charges of limits before `(stop_s, stop_l)`, in commit order.
+    fn rollback(
+        &self,
+        subjects: &Subjects<'_>,
+        stop_s: usize,
+        stop_l: usize,
+        cost_of: &impl Fn(Unit, u64) -> Option<u64>,
+        mult: &[u64; 3],
+        now: u64,
+    ) {
+        for (si, e) in subjects.iter().enumerate() {
+            let Some(e) = e else { continue };
+            for (li, (l, c)) in e.set.limits.iter().zip(e.cells.iter()).enumerate() {
+                if (si, li) == (stop_s, stop_l) {
+                    return;
+                }
+                if let Some(cost) = cost_of(l.algo.unit(), mult[si]) {
+                    l.algo.rollback(c, now, cost, now);
+                }
+            }
+        }
+    }
+
+    /// Counters and table sizes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let w = ratewarden::Warden::builder().build().unwrap();
+    /// assert_eq!(w.stats().allowed, 0);
+    /// ```
+    pub fn stats(&self) -> WardenStats {
+        WardenStats {
+            allowed: self.counters.sum(Counter::Allowed),
+            denied_rate: self.counters.sum(Counter::DeniedRate),
+            denied_tokens: self.counters.sum(Counter::DeniedTokens),
+            denied_concurrency: self.counters.sum(Counter::DeniedConcurrency),
+            denied_behavior: self.counters.sum(Counter::DeniedBehavior),
+            tracked: [
+                self.keys.tracked(),
+                self.orgs.tracked(),
+                self.clusters.tracked(),
+            ],
+            evictions: [
+                &self.keys.evictions,
+                &self.orgs.evictions,
+                &self.clusters.evictions,
+            ]
+            .iter()
+            .map(|a| a.load(std::sync::atomic::Ordering::Relaxed))
+            .sum::<u64>(),
+            overflow_hits: [
+                &self.keys.overflow_hits,
+                &self.orgs.overflow_hits,
+                &self.clusters.overflow_hits,
+            ]
+            .iter()
+            .map(|a| a.load(std::sync::atomic::Ordering::Relaxed))
+            .sum::<u64>(),
+            events_dropped: self.behavior.events_dropped(),
+            hooks_panicked: self.behavior.hooks_panicked(),
+        }
+    }
+
+    /// Evicts idle subjects now: those untouched for the idle timeout whose limits are back
+    /// to their initial state, that are not escalated and hold no outstanding permit. Returns
+    /// how many were evicted. The warden also does this by itself, amortised on the threads
+    /// that insert new subjects; call it from a timer if you prefer a fixed schedule.
+    ///
+    /// Concurrency: takes each shard's write lock in turn.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let w = ratewarden::Warden::builder().build().unwrap();
+    /// assert_eq!(w.maintain(), 0);
+    /// ```
+    pub fn maintain(&self) -> usize {
+        let now = self.now();
+        self.keys.retain(now) + self.orgs.retain(now) + self.clusters.retain(now)
+    }
+
+    /// Replaces the policy. Limits whose name and parameters did not change keep their state;
+    /// changed or new limits start fresh. Subjects are migrated lazily, on their next check.
+    ///
+    /// Permits issued before the swap settle into the migrated state.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the first invalid field; the old policy stays in force.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ratewarden::{Policy, Warden};
+    /// let w = Warden::builder().build().unwrap();
+    /// let mut p = Policy::llm_api();
+    /// p.table.max_subjects = 0;
+    /// assert!(w.set_policy(p).is_err());
+    /// ```
+    pub fn set_policy(&self, policy: Policy) -> Result<(), ConfigError> {
+        let _g = self.policy_lock.lock();
+        let generation = self.policy.load().generation + 1;
+        let compiled = compile(&policy, generation)?;
+        let now = self.now();
+        let (max, idle) = (compiled.max_subjects, compiled.idle_ns);
+        for (kind, table) in [
+            (SubjectKind::ApiKey, &self.keys),
+            (SubjectKind::Org, &self.orgs),
+        ] {
+            table.reconfigure(
+                max,
+                idle,
+                Entry::new(
+                    compiled.defaults[kind.index()].clone(),
+                    generation,
+                    now,
+                    None,
+                ),
+            );
+        }
+        self.clusters.reconfigure(
+            max,
+            idle,
+            Entry::new(compiled.defaults[2].clone(), generation, now, None),
+        );
+        debug_assert_eq!(self.keys.overflow_generation(), generation);
+        self.behavior.reconfigure(&compiled.behavior);
+        self.policy.store(Arc::new(compiled));
+        Ok(())
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Policy {
+        self.policy.load().source.clone()
+    }
+
+    pub(crate) fn compiled(&self) -> arc_swap::Guard<Arc<Compiled>> {
+        self.policy.load()
+    }
+
+    pub(crate) fn tables(&self) -> (&Table<Box<str>>, &Table<Box<str>>, &Table<u128>) {
+        (&self.keys, &self.orgs, &self.clusters)
+    }
+}
+
+/// Share of quota left as a fraction, compared without dividing.
+#[inline]
+fn headroom(algo: &crate::limit::Algo, state: u64, now: u64) -> (u128, u128) {
+    use crate::limit::Algo;
+    match algo {
+        Algo::Gcra(p) | Algo::Tokens(p) => {
+            let ahead = state.saturating_sub(now).min(p.tau);
+            (u128::from(p.tau - ahead), u128::from(p.tau))
+        }
+        other => {
+            let cell = crate::limit::AtomicU64::new(state);
+            let (rem, _) = other.remaining(&cell, now);
+            (u128::from(rem), u128::from(other.quota().max(1)))
+        }
+    }
+}
+
+/// Per subject, how close its most constrained request or token limit is to refusing (0..=1).
+#[inline]
+fn pressures(subjects: &Subjects<'_>, now: u64) -> [f32; 3] {
+    let mut out = [0.0f32; 3];
+    for (si, e) in subjects.iter().enumerate() {
+        let Some(e) = e else { continue };
+        if e.behavior.is_none() {
+            continue;
+        }
+        let mut p = 0.0f32;
+        for (l, c) in e.set.limits.iter().zip(e.cells.iter()) {
+            if l.algo.unit() == Unit::InFlight {
+                continue;
+            }
+            let (num, den) = headroom(&l.algo, c.load(std::sync::atomic::Ordering::Relaxed), now);
+            let used = 1.0 - (num as f64 / den.max(1) as f64) as f32;
+            p = p.max(used);
+        }
+        out[si] = p;
+    }
+    out
+}
