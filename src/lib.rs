@@ -11,6 +11,8 @@ mod request;
 mod stats;
 mod subject;
 mod table;
+#[cfg(feature = "tower")]
+mod tower;
 mod warden;
 
 pub use behavior::{BehaviorPolicy, Level};
@@ -23,3 +25,5 @@ pub use request::Request;
 pub use stats::WardenStats;
 pub use subject::{IpCluster, SubjectId, SubjectKind};
 pub use warden::{Warden, WardenBuilder};
+#[cfg(feature = "tower")]
+pub use tower::{WardenLayer, WardenService};

@@ -1,0 +1,91 @@
+//! Replays a JSONL trace through a warden and writes one decision per line.
+//!
+//! ```text
+//! cargo run --release --example replay -- [--policy FILE] [--limits-only] [--shadow] \
+//!     [--expected-output N] [--quiet] < trace.jsonl > decisions.jsonl
+//! ```
+//!
+//! The summary (requests, allowed, denied by reason, decisions by level, malformed lines,
+//! throughput) goes to stderr.
+
+#[path = "support/replay.rs"]
+mod replay;
+
+use std::io::{BufReader, BufWriter};
+use std::process::ExitCode;
+
+use ratewarden::{ManualClock, Policy, Warden};
+
+const USAGE: &str = "usage: replay [--policy FILE.toml|FILE.json] [--limits-only] [--shadow] [--expected-output N] [--quiet] < trace.jsonl > decisions.jsonl";
+
+fn run() -> Result<(), String> {
+    let mut policy = None;
+    let mut limits_only = false;
+    let mut shadow = false;
+    let mut opts = replay::Options::default();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--policy" => policy = Some(args.next().ok_or("--policy needs a file")?),
+            "--limits-only" => limits_only = true,
+            "--shadow" => shadow = true,
+            "--quiet" => opts.verbose_errors = false,
+            "--expected-output" => {
+                opts.expected_output = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--expected-output needs a non-negative integer")?;
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
+        }
+    }
+    let mut policy = match policy {
+        None => Policy::llm_api(),
+        Some(path) => {
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+            let parsed = if path.ends_with(".json") {
+                Policy::from_json_str(&text)
+            } else {
+                Policy::from_toml_str(&text)
+            };
+            parsed.map_err(|e| format!("{path}: {e}"))?
+        }
+    };
+    if limits_only {
+        policy.behavior.enabled = false;
+    }
+    if shadow {
+        policy.behavior.shadow = true;
+    }
+    let clock = ManualClock::new();
+    let warden = Warden::builder()
+        .policy(policy)
+        .clock(clock.clone())
+        .build()
+        .map_err(|e| format!("policy: {e}"))?;
+    let stdin = std::io::stdin();
+    let stdout = std::io::stdout();
+    let mut r = replay::Replayer::new(&warden, clock, opts);
+    let summary = r
+        .run(
+            BufReader::with_capacity(1 << 20, stdin.lock()),
+            BufWriter::new(stdout.lock()),
+        )
+        .map_err(|e| format!("i/o: {e}"))?;
+    eprintln!("{summary}");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("replay: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
