@@ -24,6 +24,9 @@ pub use policy::{ClusterConfig, ConfigError, LimitConfig, Override, Period, Poli
 pub use request::Request;
 pub use stats::WardenStats;
 pub use subject::{IpCluster, SubjectId, SubjectKind};
-pub use warden::{Warden, WardenBuilder};
 #[cfg(feature = "tower")]
-pub use tower::{WardenLayer, WardenService};
+pub use tower::{
+    InvalidCidr, OrgId, PeerAddr, PromptFeatures, Usage, WardenBody, WardenFuture, WardenLayer,
+    WardenService,
+};
+pub use warden::{Warden, WardenBuilder};

@@ -51,6 +51,22 @@ fn hex(field: &str, v: &Option<Cow<'_, str>>) -> Result<Option<u64>, String> {
     }
 }
 
+/// One request as typed fields.
+#[derive(Clone, Copy, Debug)]
+pub struct Parts<'a> {
+    pub ts_ms: u64,
+    pub api_key: &'a str,
+    pub org: &'a str,
+    pub ip: IpAddr,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub model: Option<&'a str>,
+    pub prompt_fp: Option<u64>,
+    pub prompt_simhash: Option<u64>,
+    pub template_fp: Option<u64>,
+    pub logprobs: bool,
+}
+
 /// Replay options.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -153,10 +169,25 @@ impl<'w> Replayer<'w> {
             .ip
             .parse()
             .map_err(|_| format!("ip: invalid address {:?}", line.ip))?;
-        let prompt_fp = hex("prompt_fp", &line.prompt_fp)?;
-        let simhash = hex("prompt_simhash", &line.prompt_simhash)?;
-        let template = hex("template_fp", &line.template_fp)?;
-        let mut ts = line.ts_ms;
+        let parts = Parts {
+            ts_ms: line.ts_ms,
+            api_key: &line.api_key,
+            org: &line.org,
+            ip,
+            input_tokens: line.input_tokens,
+            output_tokens: line.output_tokens,
+            model: line.model.as_deref(),
+            prompt_fp: hex("prompt_fp", &line.prompt_fp)?,
+            prompt_simhash: hex("prompt_simhash", &line.prompt_simhash)?,
+            template_fp: hex("template_fp", &line.template_fp)?,
+            logprobs: line.logprobs,
+        };
+        Ok(self.apply_parts(lineno, &parts))
+    }
+
+    /// Decides one request given as typed fields (the in-memory path of the demo).
+    pub fn apply_parts(&mut self, lineno: u64, p: &Parts<'_>) -> Outcome {
+        let mut ts = p.ts_ms;
         if ts < self.last_ms {
             self.summary.out_of_order += 1;
             if self.opts.verbose_errors {
@@ -171,27 +202,27 @@ impl<'w> Replayer<'w> {
         }
         self.last_ms = ts;
         self.clock.set_millis(ts);
-        let mut req = Request::new(&line.api_key, &line.org, ip)
-            .input_tokens(line.input_tokens)
+        let mut req = Request::new(p.api_key, p.org, p.ip)
+            .input_tokens(p.input_tokens)
             .expected_output_tokens(self.opts.expected_output)
-            .logprobs(line.logprobs);
-        if let Some(v) = prompt_fp {
+            .logprobs(p.logprobs);
+        if let Some(v) = p.prompt_fp {
             req = req.prompt_fp(v);
         }
-        if let Some(v) = simhash {
+        if let Some(v) = p.prompt_simhash {
             req = req.prompt_simhash(v);
         }
-        if let Some(v) = template {
+        if let Some(v) = p.template_fp {
             req = req.template_fp(v);
         }
-        if let Some(m) = &line.model {
+        if let Some(m) = p.model {
             req = req.model(m);
         }
         self.summary.requests += 1;
         let out = match self.warden.check(&req) {
-            Decision::Allow(p) => {
-                let level = p.level();
-                p.settle(line.output_tokens);
+            Decision::Allow(permit) => {
+                let level = permit.level();
+                permit.settle(p.output_tokens);
                 self.summary.allowed += 1;
                 Outcome {
                     allowed: true,
@@ -217,7 +248,7 @@ impl<'w> Replayer<'w> {
             }
         };
         self.summary.decisions_by_level[out.level as usize] += 1;
-        Ok(out)
+        out
     }
 
     /// Parses and decides one raw line. Malformed lines are counted, reported with their

@@ -1,0 +1,146 @@
+//! Threads released on a barrier against shared subjects, with the clock frozen: exact totals.
+
+mod common;
+use common::*;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Barrier;
+
+use ratewarden::{Decision, LimitConfig, Request};
+
+const THREADS: usize = 8;
+
+#[test]
+fn one_hot_key_admits_exactly_the_burst() {
+    let mut p = bare();
+    p.api_key.insert("rpm".into(), gcra(120, 60, 50));
+    let (w, _clock) = warden(p);
+    let barrier = Barrier::new(THREADS);
+    let admitted = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..THREADS {
+            s.spawn(|| {
+                barrier.wait();
+                for _ in 0..100 {
+                    if w.check(&Request::new("hot", "o", ip("10.0.0.1")))
+                        .is_allowed()
+                    {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(admitted.load(Ordering::Relaxed), 50);
+    assert_eq!(w.stats().allowed, 50);
+    assert_eq!(w.stats().denied_rate, (THREADS * 100 - 50) as u64);
+}
+
+#[test]
+fn all_or_nothing_holds_under_concurrency() {
+    // Key: 1,000 at once. Org: 37. Every refusal comes from the org and must leave no charge
+    // on the key.
+    let mut p = bare();
+    p.api_key.insert("rpm".into(), gcra(1, 3600, 1000));
+    p.org.insert("rpm".into(), gcra(1, 3600, 37));
+    let (w, _clock) = warden(p);
+    let barrier = Barrier::new(THREADS);
+    let admitted = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (w, barrier, admitted) = (&w, &barrier, &admitted);
+            s.spawn(move || {
+                barrier.wait();
+                for i in 0..50 {
+                    // Half the threads also use a second, unlimited-org path to the same key,
+                    // so the key's cell is contended by requests that commit and roll back.
+                    let org = if (t + i) % 2 == 0 { "small" } else { "" };
+                    if w.check(&Request::new("k", org, ip("10.0.0.1")))
+                        .is_allowed()
+                    {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let a = admitted.load(Ordering::Relaxed);
+    // 200 requests had no org (all admitted: the key has room) and at most 37 had the org.
+    let no_org = (THREADS * 50 / 2) as u64;
+    assert_eq!(a, no_org + 37);
+    // What is left on the key is exactly 1,000 minus what was admitted.
+    let left = (0..1000)
+        .filter(|_| w.check(&Request::new("k", "", ip("10.0.0.1"))).is_allowed())
+        .count() as u64;
+    assert_eq!(left, 1000 - a);
+    // And the org is exactly used up by its admitted share.
+    let Decision::Deny(d) = w.check(&Request::new("other", "small", ip("10.0.9.1"))) else {
+        panic!("org must be exhausted")
+    };
+    assert_eq!(d.reason(), "org:rpm");
+}
+
+#[test]
+fn concurrency_limit_is_exact_and_slots_come_back() {
+    let mut p = bare();
+    p.org
+        .insert("inflight".into(), LimitConfig::Concurrency { max: 5 });
+    let (w, _clock) = warden(p);
+    let barrier = Barrier::new(THREADS);
+    let held = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (w, barrier, held) = (&w, &barrier, &held);
+            s.spawn(move || {
+                let key = format!("k{t}");
+                barrier.wait();
+                let mut permits = Vec::new();
+                for _ in 0..10 {
+                    if let Decision::Allow(p) =
+                        w.check(&Request::new(&key, "shared", ip("10.0.0.1")))
+                    {
+                        permits.push(p);
+                    }
+                }
+                held.fetch_add(permits.len() as u64, Ordering::Relaxed);
+                barrier.wait();
+                drop(permits);
+            });
+        }
+    });
+    assert_eq!(held.load(Ordering::Relaxed), 5);
+    let after = (0..10)
+        .map(|_| w.check(&Request::new("late", "shared", ip("10.0.0.1"))))
+        .collect::<Vec<_>>();
+    assert_eq!(after.iter().filter(|d| d.is_allowed()).count(), 5);
+}
+
+#[test]
+fn token_settlements_from_many_threads_add_up() {
+    let mut p = bare();
+    p.api_key.insert("tpm".into(), tokens(1_000_000, 60));
+    let (w, _clock) = warden(p);
+    let barrier = Barrier::new(THREADS);
+    std::thread::scope(|s| {
+        for _ in 0..THREADS {
+            s.spawn(|| {
+                barrier.wait();
+                for _ in 0..100 {
+                    let req = Request::new("k", "", ip("10.0.0.1"))
+                        .input_tokens(10)
+                        .expected_output_tokens(100);
+                    if let Decision::Allow(p) = w.check(&req) {
+                        p.settle(40); // 110 charged, 50 used: 60 back each
+                    }
+                }
+            });
+        }
+    });
+    let Decision::Allow(p) = w.check(&Request::new("k", "", ip("10.0.0.1"))) else {
+        panic!()
+    };
+    assert_eq!(
+        p.rate_limit().tokens.unwrap().remaining,
+        1_000_000 - 800 * 50
+    );
+}
