@@ -1,1 +1,360 @@
-fn main() {}
+//! The criterion suite: one entry, a group per concern, governor side by side where the two
+//! are comparable. See `benches/README.md` for how to run it and the latest numbers.
+
+#[path = "../examples/support/eval.rs"]
+#[allow(dead_code)]
+mod eval;
+#[path = "../examples/support/replay.rs"]
+mod replay;
+#[path = "../examples/support/sim.rs"]
+mod sim;
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::num::NonZeroU32;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use governor::{Quota, RateLimiter};
+use ratewarden::{Clock, ClusterConfig, Decision, LimitConfig, ManualClock, Period, Policy, Request, Warden};
+
+/// A generous quota: every check in a benchmark is an allow, on both sides.
+const RATE_PER_SEC: u32 = 1_000_000_000;
+const BURST: u32 = 1_000_000_000;
+
+fn quota() -> Quota {
+    Quota::per_second(NonZeroU32::new(RATE_PER_SEC).unwrap()).allow_burst(NonZeroU32::new(BURST).unwrap())
+}
+
+fn gcra() -> LimitConfig {
+    LimitConfig::Gcra {
+        rate: u64::from(RATE_PER_SEC),
+        period: Period(Duration::from_secs(1)),
+        burst: u64::from(BURST),
+    }
+}
+
+/// One token bucket per API key, nothing else tracked.
+fn keyed_policy() -> Policy {
+    let mut p = Policy::empty();
+    p.behavior.enabled = false;
+    p.api_key.insert("rps".into(), gcra());
+    p
+}
+
+/// One token bucket per client address (exact /32 and /128 clusters).
+fn ip_policy() -> Policy {
+    let mut p = Policy::empty();
+    p.behavior.enabled = false;
+    p.cluster = ClusterConfig {
+        v4_prefix: 32,
+        v6_prefix: 128,
+    };
+    p.ip_cluster.insert("rps".into(), gcra());
+    p
+}
+
+fn warden(p: Policy) -> Warden {
+    Warden::builder().policy(p).build().unwrap()
+}
+
+/// `n` realistic 30-byte API keys (`sk-proj-` + 22 base62 characters).
+fn api_keys(n: usize) -> Vec<String> {
+    let mut rng = sim::Rng::new(42);
+    (0..n)
+        .map(|_| {
+            let mut k = String::from("sk-proj-");
+            rng.base62(22, &mut k);
+            k
+        })
+        .collect()
+}
+
+fn v4s(n: usize) -> Vec<IpAddr> {
+    let mut rng = sim::Rng::new(7);
+    (0..n).map(|_| IpAddr::V4(Ipv4Addr::from(rng.next_u64() as u32))).collect()
+}
+
+fn v6s(n: usize) -> Vec<IpAddr> {
+    let mut rng = sim::Rng::new(9);
+    (0..n)
+        .map(|_| IpAddr::V6(Ipv6Addr::from((u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64()))))
+        .collect()
+}
+
+/// A pseudo-random visiting order, so successive checks do not hit neighbouring cache lines.
+fn order(n: usize) -> Vec<u32> {
+    let mut v: Vec<u32> = (0..n as u32).collect();
+    let mut rng = sim::Rng::new(1234);
+    for i in (1..v.len()).rev() {
+        v.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    v
+}
+
+const IP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 23));
+
+fn bench_check(c: &mut Criterion) {
+    let mut g = c.benchmark_group("check");
+    g.throughput(Throughput::Elements(1));
+    // Single hot key.
+    let w = warden(keyed_policy());
+    let key = "sk-proj-0123456789abcdefghijkl".to_string();
+    g.bench_function("ratewarden/single_key", |b| {
+        b.iter(|| black_box(w.check(&Request::new(black_box(&key), "", IP)).is_allowed()))
+    });
+    let gov = RateLimiter::keyed(quota());
+    g.bench_function("governor/single_key", |b| b.iter(|| black_box(gov.check_key(black_box(&key)).is_ok())));
+    // 100,000 distinct string keys.
+    let keys = api_keys(100_000);
+    let ord = order(keys.len());
+    let w = warden(keyed_policy());
+    let gov = RateLimiter::keyed(quota());
+    for k in &keys {
+        let _ = w.check(&Request::new(k, "", IP));
+        let _ = gov.check_key(k);
+    }
+    let mut i = 0usize;
+    g.bench_function("ratewarden/100k_string_keys", |b| {
+        b.iter(|| {
+            i = (i + 1) % ord.len();
+            black_box(w.check(&Request::new(&keys[ord[i] as usize], "", IP)).is_allowed())
+        })
+    });
+    let mut i = 0usize;
+    g.bench_function("governor/100k_string_keys", |b| {
+        b.iter(|| {
+            i = (i + 1) % ord.len();
+            black_box(gov.check_key(&keys[ord[i] as usize]).is_ok())
+        })
+    });
+    g.finish();
+}
+
+fn bench_keys(c: &mut Criterion) {
+    let mut g = c.benchmark_group("keys");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(20);
+    for &n in &[1usize, 1_000, 100_000, 1_000_000] {
+        let ord = order(n);
+        // String API keys.
+        let keys = api_keys(n);
+        let w = warden(keyed_policy());
+        let gov = RateLimiter::keyed(quota());
+        for k in &keys {
+            let _ = w.check(&Request::new(k, "", IP));
+            let _ = gov.check_key(k);
+        }
+        let mut i = 0usize;
+        g.bench_with_input(BenchmarkId::new("ratewarden/api_key", n), &n, |b, _| {
+            b.iter(|| {
+                i = (i + 1) % n;
+                black_box(w.check(&Request::new(&keys[ord[i] as usize], "", IP)).is_allowed())
+            })
+        });
+        let mut i = 0usize;
+        g.bench_with_input(BenchmarkId::new("governor/api_key", n), &n, |b, _| {
+            b.iter(|| {
+                i = (i + 1) % n;
+                black_box(gov.check_key(&keys[ord[i] as usize]).is_ok())
+            })
+        });
+        drop((w, gov, keys));
+        // IPv4 and IPv6 addresses.
+        for (family, ips) in [("ipv4", v4s(n)), ("ipv6", v6s(n))] {
+            let w = warden(ip_policy());
+            let gov = RateLimiter::keyed(quota());
+            for ip in &ips {
+                let _ = w.check(&Request::anonymous(*ip));
+                let _ = gov.check_key(ip);
+            }
+            let mut i = 0usize;
+            g.bench_with_input(BenchmarkId::new(format!("ratewarden/{family}"), n), &n, |b, _| {
+                b.iter(|| {
+                    i = (i + 1) % n;
+                    black_box(w.check(&Request::new("", "", ips[ord[i] as usize])).is_allowed())
+                })
+            });
+            let mut i = 0usize;
+            g.bench_with_input(BenchmarkId::new(format!("governor/{family}"), n), &n, |b, _| {
+                b.iter(|| {
+                    i = (i + 1) % n;
+                    black_box(gov.check_key(&ips[ord[i] as usize]).is_ok())
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+/// Three subjects, two limits each (the `llm_api` shape, with room so every check allows),
+/// on 100,000 live keys in 10,000 orgs.
+fn full_policy(behavior: bool) -> Policy {
+    let mut p = Policy::llm_api();
+    p.behavior.enabled = behavior;
+    let minute = Period(Duration::from_secs(60));
+    for set in [&mut p.api_key, &mut p.org, &mut p.ip_cluster] {
+        set.clear();
+        set.insert("requests_per_minute".into(), LimitConfig::Gcra { rate: 1 << 40, period: minute, burst: 1 << 30 });
+        set.insert("tokens_per_minute".into(), LimitConfig::Tokens { tokens: 1 << 50, period: minute, burst: None });
+    }
+    p
+}
+
+fn bench_full(c: &mut Criterion) {
+    let mut g = c.benchmark_group("full");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(30);
+    let n = 100_000;
+    let keys = api_keys(n);
+    let orgs: Vec<String> = (0..n / 10).map(|i| format!("org-{i:08}")).collect();
+    let ips = v4s(n);
+    let ord = order(n);
+    for behavior in [false, true] {
+        let w = warden(full_policy(behavior));
+        let req = |i: usize| {
+            Request::new(&keys[i], &orgs[i / 10], ips[i])
+                .input_tokens(400)
+                .expected_output_tokens(800)
+                .prompt_fp(i as u64 * 0x9E37_79B9)
+                .prompt_simhash(i as u64 ^ 0xABCD)
+                .template_fp(i as u64 % 97)
+        };
+        for i in 0..n {
+            if let Decision::Allow(p) = w.check(&req(i)) {
+                p.settle(700);
+            }
+        }
+        let name = if behavior { "behavior_on" } else { "behavior_off" };
+        let mut i = 0usize;
+        g.bench_function(format!("ratewarden/3_subjects_2_limits/{name}"), |b| {
+            b.iter(|| {
+                i = (i + 1) % n;
+                match w.check(&req(ord[i] as usize)) {
+                    Decision::Allow(p) => p.settle(black_box(700)),
+                    Decision::Deny(d) => panic!("bench must not deny: {}", d.reason()),
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+fn bench_contention(c: &mut Criterion) {
+    let mut g = c.benchmark_group("contention");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(3));
+    let threads_list: Vec<usize> = std::env::var("RATEWARDEN_BENCH_THREADS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|t| t.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2]);
+    let keys = api_keys(100_000);
+    for &threads in &threads_list {
+        g.throughput(Throughput::Elements(threads as u64));
+        for shared in [true, false] {
+            let case = if shared { "shared_key" } else { "distinct_keys" };
+            let w = warden(keyed_policy());
+            let gov = RateLimiter::keyed(quota());
+            for k in &keys {
+                let _ = w.check(&Request::new(k, "", IP));
+                let _ = gov.check_key(k);
+            }
+            // Each thread walks its own slice of keys (or the one shared key).
+            let slice = keys.len() / threads;
+            g.bench_with_input(BenchmarkId::new(format!("ratewarden/{case}"), threads), &threads, |b, &t| {
+                b.iter_custom(|iters| {
+                    let barrier = Barrier::new(t);
+                    let start = std::sync::Mutex::new(None::<Instant>);
+                    std::thread::scope(|s| {
+                        for ti in 0..t {
+                            let (w, keys, barrier, start) = (&w, &keys, &barrier, &start);
+                            s.spawn(move || {
+                                barrier.wait();
+                                start.lock().unwrap().get_or_insert_with(Instant::now);
+                                for j in 0..iters as usize {
+                                    let k = if shared { &keys[0] } else { &keys[ti * slice + j % slice] };
+                                    black_box(w.check(&Request::new(k, "", IP)).is_allowed());
+                                }
+                            });
+                        }
+                    });
+                    start.into_inner().unwrap().map_or(Duration::ZERO, |s| s.elapsed())
+                })
+            });
+            g.bench_with_input(BenchmarkId::new(format!("governor/{case}"), threads), &threads, |b, &t| {
+                b.iter_custom(|iters| {
+                    let barrier = Barrier::new(t);
+                    let start = std::sync::Mutex::new(None::<Instant>);
+                    std::thread::scope(|s| {
+                        for ti in 0..t {
+                            let (gov, keys, barrier, start) = (&gov, &keys, &barrier, &start);
+                            s.spawn(move || {
+                                barrier.wait();
+                                start.lock().unwrap().get_or_insert_with(Instant::now);
+                                for j in 0..iters as usize {
+                                    let k = if shared { &keys[0] } else { &keys[ti * slice + j % slice] };
+                                    black_box(gov.check_key(k).is_ok());
+                                }
+                            });
+                        }
+                    });
+                    start.into_inner().unwrap().map_or(Duration::ZERO, |s| s.elapsed())
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn bench_replay(c: &mut Criterion) {
+    let mut g = c.benchmark_group("replay");
+    g.sample_size(10);
+    let cfg = sim::SimConfig::public_mix(1, 20 * 60_000);
+    let mut trace = Vec::new();
+    sim::write_jsonl(&cfg, &mut trace, None).unwrap();
+    let text = String::from_utf8(trace).unwrap();
+    let lines = text.lines().count() as u64;
+    g.throughput(Throughput::Elements(lines));
+    g.bench_function("parse_only", |b| {
+        b.iter(|| {
+            let mut n = 0u64;
+            for l in text.lines() {
+                if let Ok(r) = serde_json::from_str::<replay::Line<'_>>(l) {
+                    n += r.input_tokens;
+                }
+            }
+            black_box(n)
+        })
+    });
+    for (name, limits_only) in [("limits_only", true), ("with_behavior", false)] {
+        g.bench_function(format!("parse_and_check/{name}"), |b| {
+            b.iter(|| {
+                let clock = ManualClock::new();
+                let mut p = Policy::llm_api();
+                p.behavior.enabled = !limits_only;
+                let w = Warden::builder().policy(p).clock(clock.clone()).build().unwrap();
+                let mut r = replay::Replayer::new(&w, clock, replay::Options { verbose_errors: false, ..Default::default() });
+                r.run(text.as_bytes(), std::io::sink()).unwrap().requests
+            })
+        });
+    }
+    g.finish();
+}
+
+fn bench_clock(c: &mut Criterion) {
+    let mut g = c.benchmark_group("clock");
+    g.throughput(Throughput::Elements(1));
+    let q = ratewarden::SystemClock::new();
+    let i = ratewarden::InstantClock::new();
+    g.bench_function("quanta", |b| b.iter(|| black_box(q.now_nanos())));
+    g.bench_function("instant", |b| b.iter(|| black_box(i.now_nanos())));
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    targets = bench_check, bench_keys, bench_full, bench_contention, bench_replay, bench_clock
+}
+criterion_main!(benches);

@@ -134,10 +134,13 @@ async fn completions(req: Request) -> Response {
         tokens,
         trailers_sent: false,
     }));
-    res.headers_mut().insert(
+    let h = res.headers_mut();
+    h.insert(
         "content-type",
         HeaderValue::from_static("text/event-stream"),
     );
+    // Announce the trailer; clients that send `TE: trailers` receive it.
+    h.insert("trailer", HeaderValue::from_static("x-usage-output-tokens"));
     res
 }
 
@@ -200,7 +203,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     println!("ratewarden gateway listening on http://{addr}");
     println!(
-        "try: curl -sN -i http://{addr}/v1/chat/completions -H 'authorization: Bearer sk-demo' \
+        "try: curl -sN -i http://{addr}/v1/chat/completions -H 'authorization: Bearer sk-demo' -H 'te: trailers' \
          -d '{{\"max_tokens\":64,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
     );
     println!("(the key's burst is 20 requests; send 21 quickly to see a 429)");

@@ -61,10 +61,14 @@ pub struct OrgId(pub String);
 /// this crate cannot name without depending on axum; read it with
 /// [`WardenLayer::peer_addr`]:
 ///
-/// ```ignore
-/// WardenLayer::new(warden).peer_addr(|parts| {
-///     parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())
-/// })
+/// ```
+/// use axum::extract::ConnectInfo;
+/// use std::net::SocketAddr;
+/// # let warden = std::sync::Arc::new(ratewarden::Warden::builder().build().unwrap());
+/// let layer = ratewarden::WardenLayer::new(warden).peer_addr(|parts| {
+///     parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())
+/// });
+/// # let _ = layer;
 /// ```
 ///
 /// # Examples
@@ -495,12 +499,17 @@ impl WardenLayer {
     /// With axum, read its `ConnectInfo` (serve with
     /// `into_make_service_with_connect_info::<SocketAddr>()`):
     ///
-    /// ```ignore
+    /// ```
     /// use axum::extract::ConnectInfo;
-    /// let layer = WardenLayer::new(warden).peer_addr(|parts| {
+    /// use std::net::SocketAddr;
+    /// # let warden = std::sync::Arc::new(ratewarden::Warden::builder().build().unwrap());
+    /// let layer = ratewarden::WardenLayer::new(warden).peer_addr(|parts| {
     ///     parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())
     /// });
+    /// # let _ = layer;
     /// ```
+    ///
+    /// Any other source:
     ///
     /// ```
     /// # let warden = std::sync::Arc::new(ratewarden::Warden::builder().build().unwrap());
@@ -633,9 +642,15 @@ pub struct WardenService<S> {
     config: Arc<Config>,
 }
 
+/// A decision detached from the borrow of the warden.
+enum Verdict {
+    Allow(OwnedPermit),
+    Deny(Denial),
+}
+
 impl<S> WardenService<S> {
-    /// Decides one request. `Ok` carries the permit, `Err` the denial.
-    fn decide(&self, parts: &Parts) -> Result<OwnedPermit, Denial> {
+    /// Decides one request.
+    fn decide(&self, parts: &Parts) -> Verdict {
         let cfg = &*self.config;
         let ip = cfg.client_ip(parts);
         let key = cfg.api_key(&parts.headers);
@@ -670,8 +685,8 @@ impl<S> WardenService<S> {
             None => req.expected_output_tokens(cfg.default_expected_output),
         };
         match self.warden.check(&req) {
-            Decision::Allow(p) => Ok(p.into_owned(Arc::clone(&self.warden))),
-            Decision::Deny(d) => Err(d),
+            Decision::Allow(p) => Verdict::Allow(p.into_owned(Arc::clone(&self.warden))),
+            Decision::Deny(d) => Verdict::Deny(d),
         }
     }
 }
@@ -694,14 +709,14 @@ where
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
         let (parts, body) = req.into_parts();
         match self.decide(&parts) {
-            Ok(permit) => WardenFuture {
+            Verdict::Allow(permit) => WardenFuture {
                 state: State::Allowed {
                     fut: self.inner.call(http::Request::from_parts(parts, body)),
                     permit: Some(permit),
                     trailer: self.config.usage_trailer.clone(),
                 },
             },
-            Err(denial) => WardenFuture {
+            Verdict::Deny(denial) => WardenFuture {
                 state: State::Denied {
                     res: Some(denial_response(&denial)),
                 },
@@ -1052,9 +1067,10 @@ mod tests {
     }
 
     fn cfg(trusted: &[&str]) -> Config {
-        let mut c = Config::default();
-        c.trusted = trusted.iter().map(|t| parse_trusted(t).unwrap()).collect();
-        c
+        Config {
+            trusted: trusted.iter().map(|t| parse_trusted(t).unwrap()).collect(),
+            ..Config::default()
+        }
     }
 
     fn ip(s: &str) -> IpAddr {

@@ -179,7 +179,8 @@ impl Warden {
 
         let anon_id;
         let key_slot = match req.api_key {
-            Some(k) => {
+            _ if !pol.active[0] => None,
+            Some(k) => Some({
                 let set = || pol.set_for_name(SubjectKind::ApiKey, k);
                 self.keys.get_or_insert(
                     k,
@@ -188,20 +189,20 @@ impl Warden {
                     || k.into(),
                     || self.new_entry(set(), generation, now, SubjectKind::ApiKey, &pol),
                 )
-            }
+            }),
             None => {
                 anon_id = format!("anon:{cluster}");
                 let id = anon_id.as_str();
-                self.keys.get_or_insert(
+                Some(self.keys.get_or_insert(
                     id,
                     now,
                     generation,
                     || id.into(),
                     || self.new_entry(&pol.anonymous, generation, now, SubjectKind::ApiKey, &pol),
-                )
+                ))
             }
         };
-        let org_slot = req.org.map(|o| {
+        let org_slot = req.org.filter(|_| pol.active[1]).map(|o| {
             self.orgs.get_or_insert(
                 o,
                 now,
@@ -219,22 +220,19 @@ impl Warden {
             )
         });
         let bits = cluster.bits();
-        let cl_slot = self.clusters.get_or_insert(
-            &bits,
-            now,
-            generation,
-            || bits,
-            || {
-                self.new_entry(
-                    pol.set_for_cluster(bits),
-                    generation,
-                    now,
-                    SubjectKind::IpCluster,
-                    &pol,
-                )
-            },
-        );
-        let subjects: Subjects<'_> = [Some(&*key_slot), org_slot.as_deref(), Some(&*cl_slot)];
+        let cl_slot = pol.active[2].then(|| {
+            self.clusters.get_or_insert(
+                &bits,
+                now,
+                generation,
+                || bits,
+                || {
+                    let set = pol.set_for_cluster(bits);
+                    self.new_entry(set, generation, now, SubjectKind::IpCluster, &pol)
+                },
+            )
+        });
+        let subjects: Subjects<'_> = [key_slot.as_deref(), org_slot.as_deref(), cl_slot.as_deref()];
 
         // Behavioural levels, read before any charge.
         let levels = self.behavior.levels(&subjects, now, &pol.behavior);

@@ -13,16 +13,20 @@ use std::time::Duration;
 use axum::body::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use ratewarden::{ManualClock, Policy, Warden};
+use ratewarden::{Decision, ManualClock, Policy, Request, Warden};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Barrier};
 use tokio::time::timeout;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
+/// The request body every client sends.
+const BODY: &str = r#"{"max_tokens":64,"messages":[{"role":"user","content":"hello"}]}"#;
+
 struct Reply {
     status: u16,
     headers: http::HeaderMap,
+    trailers: Option<http::HeaderMap>,
     body: String,
 }
 
@@ -38,22 +42,26 @@ async fn send(addr: SocketAddr, key: Option<&str>, barrier: Arc<Barrier>) -> Rep
         .method("POST")
         .uri(format!("http://{addr}/v1/chat/completions"))
         .header("host", addr.to_string())
-        .header("content-type", "application/json");
+        .header("content-type", "application/json")
+        // Ask for trailers, to see the usage trailer the model reports.
+        .header("te", "trailers");
     if let Some(k) = key {
         req = req.header("authorization", format!("Bearer {k}"));
     }
-    let body = r#"{"max_tokens":64,"messages":[{"role":"user","content":"hello"}]}"#;
     let res = sender
-        .send_request(req.body(Full::new(Bytes::from(body))).unwrap())
+        .send_request(req.body(Full::new(Bytes::from(BODY))).unwrap())
         .await
         .expect("response");
     let (parts, body) = res.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
+    let collected = body.collect().await.expect("body");
+    let trailers = collected.trailers().cloned();
+    let body = collected.to_bytes();
     drop(sender);
     let _ = conn.await;
     Reply {
         status: parts.status.as_u16(),
         headers: parts.headers,
+        trailers,
         body: String::from_utf8(body.to_vec()).expect("utf-8"),
     }
 }
@@ -183,7 +191,30 @@ async fn fifty_concurrent_requests_with_one_key_admit_exactly_the_burst() {
     let stats = warden.stats();
     assert_eq!(stats.allowed, 20);
     assert_eq!(stats.denied_rate, 30);
+
+    // Each streamed answer reported its output tokens in a trailer; once every connection
+    // is closed, each permit has been settled to input + actual output.
+    let used: Vec<u64> = ok
+        .iter()
+        .map(|r| {
+            let t = r.trailers.as_ref().expect("trailers");
+            t["x-usage-output-tokens"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(used.iter().all(|u| (1..=64).contains(u)), "{used:?}");
     server.shutdown().await;
+    let input = (BODY.len() as u64).div_ceil(4);
+    let spent: u64 = used.iter().map(|u| input + u).sum();
+    let probe = Request::new("sk-e2e", "", "127.0.0.1".parse().unwrap()).requests(0);
+    let remaining = match warden.check(&probe) {
+        Decision::Allow(p) => p.rate_limit().tokens.expect("token limit").remaining,
+        Decision::Deny(d) => panic!("probe denied: {}", d.reason()),
+    };
+    assert_eq!(remaining, 400_000 - spent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

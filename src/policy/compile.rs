@@ -55,6 +55,9 @@ pub(crate) struct Compiled {
     pub(crate) anonymous: Arc<LimitSet>,
     pub(crate) by_name: [HashMap<String, Arc<LimitSet>>; 2],
     pub(crate) by_cluster: HashMap<u128, Arc<LimitSet>>,
+    /// Whether a kind needs tracking at all: it has limits (defaults or overrides) or the
+    /// behavioural layer is on. An inactive kind costs nothing per check.
+    pub(crate) active: [bool; 3],
     pub(crate) max_subjects: usize,
     pub(crate) idle_ns: u64,
     pub(crate) behavior: crate::behavior::BehaviorPolicy,
@@ -278,7 +281,16 @@ pub(crate) fn compile(p: &Policy, generation: u64) -> Result<Compiled, ConfigErr
     }
     let idle_ns = nanos(p.table.idle_timeout.0, "table.idle_timeout")?;
     p.behavior.validate("behavior")?;
+    let active = [
+        p.behavior.enabled
+            || !defaults[0].limits.is_empty()
+            || !by_name[0].is_empty()
+            || !anonymous.limits.is_empty(),
+        p.behavior.enabled || !defaults[1].limits.is_empty() || !by_name[1].is_empty(),
+        p.behavior.enabled || !defaults[2].limits.is_empty() || !by_cluster.is_empty(),
+    ];
     Ok(Compiled {
+        active,
         generation,
         v4_prefix: p.cluster.v4_prefix,
         v6_prefix: p.cluster.v6_prefix,
