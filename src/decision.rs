@@ -11,40 +11,29 @@ use crate::subject::SubjectKind;
 use crate::table::Entry;
 use crate::warden::Warden;
 
-/// A short inline string (limit names, denial reasons): no allocation, no shared counters.
+/// A denial reason: a `&'static str` (limit names are interned when a policy is compiled), so
+/// decisions carry it without allocating or touching shared reference counts.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct InlineStr {
-    buf: [u8; 48],
-    len: u8,
-}
+pub(crate) struct InlineStr(&'static str);
 
 impl InlineStr {
+    /// Interns the concatenation of `parts` (slow path: takes a global lock).
     pub(crate) fn new(parts: &[&str]) -> Self {
-        let mut buf = [0u8; 48];
-        let mut len = 0usize;
-        for p in parts {
-            for &b in p.as_bytes() {
-                if len < buf.len() {
-                    buf[len] = b;
-                    len += 1;
-                }
-            }
-        }
-        // Names are ASCII (validated), so truncation never splits a character.
-        Self {
-            buf,
-            len: len as u8,
-        }
+        Self(crate::policy::intern_name(&parts.concat()))
     }
 
-    pub(crate) fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or("")
+    pub(crate) const fn from_static(s: &'static str) -> Self {
+        Self(s)
+    }
+
+    pub(crate) fn as_str(&self) -> &'static str {
+        self.0
     }
 }
 
 impl fmt::Debug for InlineStr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
+        fmt::Debug::fmt(self.0, f)
     }
 }
 
@@ -59,13 +48,13 @@ pub struct LimitStatus {
     pub reset: Duration,
     /// The window the quota refers to (`burst / rate` for a bucket).
     pub window: Duration,
-    name: InlineStr,
+    name: &'static str,
 }
 
 impl LimitStatus {
     /// The limit's name, as in the policy (`requests_per_minute`).
-    pub fn name(&self) -> &str {
-        self.name.as_str()
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 }
 
@@ -86,7 +75,7 @@ pub struct RateLimitInfo {
 pub(crate) struct Candidate {
     pub(crate) algo: Algo,
     pub(crate) state: u64,
-    pub(crate) name: InlineStr,
+    pub(crate) name: &'static str,
 }
 
 impl Candidate {
@@ -265,7 +254,7 @@ impl PermitInner {
     }
 
     pub(crate) fn drop_release(&mut self, warden: &Warden) {
-        if !self.done {
+        if !self.done && self.handles.iter().any(Option::is_some) {
             self.release(warden.now());
         }
     }

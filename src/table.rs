@@ -14,7 +14,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 
 use crate::limit::AtomicU64 as Cell;
-use crate::policy::LimitSet;
+use crate::policy::{Compiled, LimitSet};
 
 /// Only touch `last_seen` when it is this stale, so a hot subject does not write it on every
 /// check.
@@ -179,23 +179,26 @@ impl<K: Eq + Hash + Clone> Table<K> {
         now: u64,
         generation: u64,
         to_owned: impl FnOnce() -> K,
-        make: impl Fn() -> Entry,
+        make: impl Fn(&Compiled) -> Entry,
+        policy: &ArcSwap<Compiled>,
     ) -> Slot<'_, K>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         if let Some(r) = self.map.get(key) {
-            if r.generation == generation {
+            // Entries are never migrated backwards: one laid out by a newer policy than the
+            // generation this check read is used as it is.
+            if r.generation >= generation {
                 r.touch(now);
                 return Slot::Mapped(r);
             }
             drop(r);
-            if let Some(slot) = self.migrate(key, generation, &make) {
+            if let Some(slot) = self.migrate(key, &make, policy) {
                 return slot;
             }
         }
-        self.insert_slow(now, to_owned, make)
+        self.insert_slow(now, to_owned, &make, policy)
     }
 
     #[cold]
@@ -203,7 +206,8 @@ impl<K: Eq + Hash + Clone> Table<K> {
         &self,
         now: u64,
         to_owned: impl FnOnce() -> K,
-        make: impl Fn() -> Entry,
+        make: &impl Fn(&Compiled) -> Entry,
+        policy: &ArcSwap<Compiled>,
     ) -> Slot<'_, K> {
         if !self.reserve() {
             self.maybe_maintain(now, true);
@@ -221,27 +225,30 @@ impl<K: Eq + Hash + Clone> Table<K> {
                 self.tracked.fetch_sub(1, Ordering::Relaxed);
                 o.into_ref().downgrade().into()
             }
-            MapEntry::Vacant(v) => v.insert(Arc::new(make())).downgrade().into(),
+            MapEntry::Vacant(v) => v.insert(Arc::new(make(&policy.load()))).downgrade().into(),
         }
     }
 
     #[cold]
-    fn migrate<Q>(&self, key: &Q, generation: u64, make: &impl Fn() -> Entry) -> Option<Slot<'_, K>>
+    fn migrate<Q>(
+        &self,
+        key: &Q,
+        make: &impl Fn(&Compiled) -> Entry,
+        policy: &ArcSwap<Compiled>,
+    ) -> Option<Slot<'_, K>>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        if let Some(mut r) = self.map.get_mut(key) {
-            if r.generation != generation {
-                let fresh = make();
-                let next = Arc::new(r.migrate(fresh.set.clone(), generation));
-                let _ = r.forward.set(next.clone());
-                *r = next;
-            }
-            return Some(Slot::Mapped(r.downgrade()));
+        let mut r = self.map.get_mut(key)?;
+        let pol = policy.load();
+        if r.generation < pol.generation {
+            let fresh = make(&pol);
+            let next = Arc::new(r.migrate(fresh.set.clone(), pol.generation));
+            let _ = r.forward.set(next.clone());
+            *r = next;
         }
-        // Evicted in between: the caller inserts it afresh.
-        None
+        Some(Slot::Mapped(r.downgrade()))
     }
 
     fn reserve(&self) -> bool {

@@ -1,5 +1,6 @@
 //! The engine: `check` across subjects (all-or-nothing), permits, policy swaps, maintenance.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -74,6 +75,7 @@ impl WardenBuilder {
             keys: Table::new(max, idle, overflow(SubjectKind::ApiKey)),
             orgs: Table::new(max, idle, overflow(SubjectKind::Org)),
             clusters: Table::new(max, idle, overflow(SubjectKind::IpCluster)),
+            fast: AtomicU64::new(FastPolicy::of(&compiled).encode()),
             policy: ArcSwap::from_pointee(compiled),
             policy_lock: Mutex::new(()),
             clock,
@@ -112,6 +114,9 @@ pub struct Warden {
     orgs: Table<Box<str>>,
     clusters: Table<u128>,
     policy: ArcSwap<Compiled>,
+    /// The few policy scalars every check needs, packed in one word (see [`FastPolicy`]), so
+    /// the hot path never touches the shared policy pointer.
+    fast: AtomicU64,
     policy_lock: Mutex<()>,
     clock: Arc<dyn Clock>,
     counters: Counters,
@@ -134,20 +139,13 @@ impl Warden {
         self.clock.now_nanos()
     }
 
-    fn new_entry(
-        &self,
-        set: &Arc<LimitSet>,
-        generation: u64,
-        now: u64,
-        kind: SubjectKind,
-        pol: &Compiled,
-    ) -> Entry {
+    fn new_entry(&self, set: &Arc<LimitSet>, pol: &Compiled, now: u64, kind: SubjectKind) -> Entry {
         let b = if pol.behavior.enabled {
             Some(BehaviorSlot::new(kind, now, set.exempt))
         } else {
             None
         };
-        Entry::new(set.clone(), generation, now, b)
+        Entry::new(set.clone(), pol.generation, now, b)
     }
 
     /// Decides one request: evaluates every limit of every subject of the request (api key,
@@ -173,83 +171,104 @@ impl Warden {
     /// ```
     pub fn check(&self, req: &Request<'_>) -> Decision<'_> {
         let now = self.clock.now_nanos();
-        let pol = self.policy.load();
-        let generation = pol.generation;
-        let cluster = IpCluster::new(req.ip, pol.v4_prefix, pol.v6_prefix);
+        let fast = FastPolicy::decode(self.fast.load(Ordering::Acquire));
+        let generation = fast.generation;
+        let cluster = || IpCluster::new(req.ip, fast.v4_prefix, fast.v6_prefix);
 
         let anon_id;
         let key_slot = match req.api_key {
-            _ if !pol.active[0] => None,
-            Some(k) => Some({
-                let set = || pol.set_for_name(SubjectKind::ApiKey, k);
-                self.keys.get_or_insert(
-                    k,
-                    now,
-                    generation,
-                    || k.into(),
-                    || self.new_entry(set(), generation, now, SubjectKind::ApiKey, &pol),
-                )
-            }),
+            _ if !fast.active[0] => None,
+            Some(k) => Some(self.keys.get_or_insert(
+                k,
+                now,
+                generation,
+                || k.into(),
+                |pol| {
+                    self.new_entry(
+                        pol.set_for_name(SubjectKind::ApiKey, k),
+                        pol,
+                        now,
+                        SubjectKind::ApiKey,
+                    )
+                },
+                &self.policy,
+            )),
             None => {
-                anon_id = format!("anon:{cluster}");
+                anon_id = format!("anon:{}", cluster());
                 let id = anon_id.as_str();
                 Some(self.keys.get_or_insert(
                     id,
                     now,
                     generation,
                     || id.into(),
-                    || self.new_entry(&pol.anonymous, generation, now, SubjectKind::ApiKey, &pol),
+                    |pol| self.new_entry(&pol.anonymous, pol, now, SubjectKind::ApiKey),
+                    &self.policy,
                 ))
             }
         };
-        let org_slot = req.org.filter(|_| pol.active[1]).map(|o| {
+        let org_slot = req.org.filter(|_| fast.active[1]).map(|o| {
             self.orgs.get_or_insert(
                 o,
                 now,
                 generation,
                 || o.into(),
-                || {
+                |pol| {
                     self.new_entry(
                         pol.set_for_name(SubjectKind::Org, o),
-                        generation,
+                        pol,
                         now,
                         SubjectKind::Org,
-                        &pol,
                     )
                 },
+                &self.policy,
             )
         });
-        let bits = cluster.bits();
-        let cl_slot = pol.active[2].then(|| {
+        let need_cluster = fast.active[2] || self.behavior.wants_cluster();
+        let cluster = if need_cluster { Some(cluster()) } else { None };
+        let cl_slot = cluster.filter(|_| fast.active[2]).map(|c| {
+            let bits = c.bits();
             self.clusters.get_or_insert(
                 &bits,
                 now,
                 generation,
                 || bits,
-                || {
-                    let set = pol.set_for_cluster(bits);
-                    self.new_entry(set, generation, now, SubjectKind::IpCluster, &pol)
-                },
+                |pol| self.new_entry(pol.set_for_cluster(bits), pol, now, SubjectKind::IpCluster),
+                &self.policy,
             )
         });
         let subjects: Subjects<'_> = [key_slot.as_deref(), org_slot.as_deref(), cl_slot.as_deref()];
+        let Some(bpol) = subjects.iter().flatten().next().map(|e| &*e.set.behavior) else {
+            // No kind is tracked: nothing can refuse.
+            self.counters.bump(Counter::Allowed);
+            return Decision::Allow(Permit {
+                warden: self,
+                inner: PermitInner {
+                    now,
+                    ..PermitInner::default()
+                },
+            });
+        };
 
         // Behavioural levels, read before any charge.
-        let levels = self.behavior.levels(&subjects, now, &pol.behavior);
+        let levels = self.behavior.levels(&subjects, now, bpol);
         let level = levels.iter().copied().max().unwrap_or(Level::Normal);
-        let mult = levels.map(|l| self.behavior.multiplier(l, &pol.behavior));
-        if let Some((si, l)) = self.behavior.denying(&levels, &pol.behavior) {
+        let mult = levels.map(|l| self.behavior.multiplier(l, bpol));
+        if let Some((si, l)) = self.behavior.denying(&levels, bpol) {
             self.counters.bump(Counter::DeniedBehavior);
             let denial = Denial {
                 kind: SubjectKind::ALL[si],
-                reason: InlineStr::new(&["behavior:", l.as_str()]),
+                reason: InlineStr::from_static(if l == Level::Block {
+                    "behavior:block"
+                } else {
+                    "behavior:challenge"
+                }),
                 behavior: Some(l),
                 retry_after: None,
                 level,
                 info: RateLimitInfo::default(),
             };
             self.behavior
-                .observe(&subjects, req, cluster, now, &pol.behavior, [0.0; 3], true);
+                .observe(&subjects, req, cluster, now, bpol, [0.0; 3], true);
             drop((key_slot, org_slot, cl_slot));
             self.behavior.dispatch();
             return Decision::Deny(denial);
@@ -264,45 +283,45 @@ impl Warden {
             }
         };
 
-        // Peek: would everything conform? Writes nothing.
-        let mut refusal: Option<(usize, usize)> = None;
-        let mut wait: Option<u64> = Some(0);
-        for (si, e) in subjects.iter().enumerate() {
+        // One pass: charge each limit with a CAS that checks conformance; on a refusal, roll
+        // back what this check charged, so a denied request charges nothing anywhere.
+        let mut refusal: Option<(usize, usize, Option<u64>)> = None;
+        'commit: for (si, e) in subjects.iter().enumerate() {
             let Some(e) = e else { continue };
             for (li, (l, c)) in e.set.limits.iter().zip(e.cells.iter()).enumerate() {
                 let out = match cost_of(l.algo.unit(), mult[si]) {
-                    Some(cost) => l.algo.peek(c, now, cost),
+                    Some(cost) => l.algo.try_charge(c, now, cost),
                     None => Outcome::Refused(None),
                 };
                 if let Outcome::Refused(w) = out {
-                    refusal.get_or_insert((si, li));
-                    wait = match (wait, w) {
-                        (Some(a), Some(b)) => Some(a.max(b)),
-                        _ => None,
-                    };
+                    refusal = Some((si, li, w));
+                    self.rollback(&subjects, si, li, &cost_of, &mult, now);
+                    break 'commit;
                 }
             }
         }
 
-        // Commit: charge each limit with a CAS that re-checks conformance; on a refusal caused
-        // by a concurrent request, roll back what this check charged.
-        if refusal.is_none() {
-            'commit: for (si, e) in subjects.iter().enumerate() {
+        if let Some((si, li, first_wait)) = refusal {
+            // When may it be retried? Not before every limit would conform (peek the rest).
+            let mut wait = first_wait;
+            for (sj, e) in subjects.iter().enumerate() {
                 let Some(e) = e else { continue };
-                for (li, (l, c)) in e.set.limits.iter().zip(e.cells.iter()).enumerate() {
-                    let cost = cost_of(l.algo.unit(), mult[si]).unwrap_or(u64::MAX);
-                    if let Outcome::Refused(w) = l.algo.try_charge(c, now, cost) {
-                        refusal = Some((si, li));
-                        wait = w;
-                        self.rollback(&subjects, si, li, &cost_of, &mult, now);
-                        break 'commit;
+                for (lj, (l, c)) in e.set.limits.iter().zip(e.cells.iter()).enumerate() {
+                    if (sj, lj) == (si, li) || wait.is_none() {
+                        continue;
+                    }
+                    let out = match cost_of(l.algo.unit(), mult[sj]) {
+                        Some(cost) => l.algo.peek(c, now, cost),
+                        None => Outcome::Refused(None),
+                    };
+                    if let Outcome::Refused(w) = out {
+                        wait = match (wait, w) {
+                            (Some(a), Some(b)) => Some(a.max(b)),
+                            _ => None,
+                        };
                     }
                 }
             }
-        }
-
-        let pressure = pressures(&subjects, now);
-        if let Some((si, li)) = refusal {
             let e = subjects[si].expect("refusing subject exists");
             let l = &e.set.limits[li];
             self.counters.bump(match l.algo.unit() {
@@ -312,8 +331,8 @@ impl Warden {
             });
             let cand = Candidate {
                 algo: l.algo,
-                state: e.cells[li].load(std::sync::atomic::Ordering::Acquire),
-                name: InlineStr::new(&[&l.name]),
+                state: e.cells[li].load(Ordering::Acquire),
+                name: l.name,
             };
             let (req_c, tok_c) = match l.algo.unit() {
                 Unit::Tokens => (None, Some(cand)),
@@ -321,16 +340,19 @@ impl Warden {
             };
             let denial = Denial {
                 kind: e.set.kind,
-                reason: InlineStr::new(&[&l.reason]),
+                reason: InlineStr::from_static(l.reason),
                 behavior: None,
                 retry_after: wait.map(std::time::Duration::from_nanos),
                 level,
                 info: crate::decision::info(now, &req_c, &tok_c),
             };
-            self.behavior
-                .observe(&subjects, req, cluster, now, &pol.behavior, pressure, true);
-            drop((key_slot, org_slot, cl_slot));
-            self.behavior.dispatch();
+            if bpol.enabled {
+                let pressure = pressures(&subjects, now);
+                self.behavior
+                    .observe(&subjects, req, cluster, now, bpol, pressure, true);
+                drop((key_slot, org_slot, cl_slot));
+                self.behavior.dispatch();
+            }
             return Decision::Deny(denial);
         }
 
@@ -343,42 +365,45 @@ impl Warden {
             level,
             ..PermitInner::default()
         };
-        let mut best: [Option<(u128, u128, usize, usize, u64)>; 2] = [None, None];
+        let mut best: [Option<(u128, u128, Candidate)>; 2] = [None, None];
         for (si, e) in subjects.iter().enumerate() {
             let Some(e) = e else { continue };
             if e.set.needs_handle || e.behavior.is_some() {
                 inner.handles[si] = Some(Arc::clone(e));
             }
-            for (li, (l, c)) in e.set.limits.iter().zip(e.cells.iter()).enumerate() {
+            for (l, c) in e.set.limits.iter().zip(e.cells.iter()) {
                 let slot = match l.algo.unit() {
                     Unit::Requests => 0,
                     Unit::Tokens => 1,
                     Unit::InFlight => continue,
                 };
-                let state = c.load(std::sync::atomic::Ordering::Relaxed);
+                let state = c.load(Ordering::Relaxed);
                 let (num, den) = headroom(&l.algo, state, now);
                 match best[slot] {
-                    Some((n, d, ..)) if num * d >= n * den => {}
-                    _ => best[slot] = Some((num, den, si, li, state)),
+                    Some((n, d, _)) if num * d >= n * den => {}
+                    _ => {
+                        best[slot] = Some((
+                            num,
+                            den,
+                            Candidate {
+                                algo: l.algo,
+                                state,
+                                name: l.name,
+                            },
+                        ))
+                    }
                 }
             }
         }
-        let cand = |b: Option<(u128, u128, usize, usize, u64)>| {
-            b.and_then(|(_, _, si, li, state)| {
-                let l = &subjects[si]?.set.limits[li];
-                Some(Candidate {
-                    algo: l.algo,
-                    state,
-                    name: InlineStr::new(&[&l.name]),
-                })
-            })
-        };
-        inner.req = cand(best[0]);
-        inner.tok = cand(best[1]);
-        self.behavior
-            .observe(&subjects, req, cluster, now, &pol.behavior, pressure, false);
-        drop((key_slot, org_slot, cl_slot));
-        self.behavior.dispatch();
+        inner.req = best[0].map(|b| b.2);
+        inner.tok = best[1].map(|b| b.2);
+        if bpol.enabled {
+            let pressure = pressures(&subjects, now);
+            self.behavior
+                .observe(&subjects, req, cluster, now, bpol, pressure, false);
+            drop((key_slot, org_slot, cl_slot));
+            self.behavior.dispatch();
+        }
         Decision::Allow(Permit {
             warden: self,
             inner,
@@ -488,7 +513,7 @@ impl Warden {
     pub fn set_policy(&self, policy: Policy) -> Result<(), ConfigError> {
         let _g = self.policy_lock.lock();
         let generation = self.policy.load().generation + 1;
-        let compiled = compile(&policy, generation)?;
+        let compiled = compile(&policy, generation & 0xffff_ffff)?;
         let now = self.now();
         let (max, idle) = (compiled.max_subjects, compiled.idle_ns);
         for (kind, table) in [
@@ -513,7 +538,11 @@ impl Warden {
         );
         debug_assert_eq!(self.keys.overflow_generation(), generation);
         self.behavior.reconfigure(&compiled.behavior);
+        let fast = FastPolicy::of(&compiled).encode();
+        // Publish the policy before the generation: a check that sees the new generation
+        // finds the new policy on its slow paths.
         self.policy.store(Arc::new(compiled));
+        self.fast.store(fast, Ordering::Release);
         Ok(())
     }
 
@@ -528,6 +557,48 @@ impl Warden {
 
     pub(crate) fn tables(&self) -> (&Table<Box<str>>, &Table<Box<str>>, &Table<u128>) {
         (&self.keys, &self.orgs, &self.clusters)
+    }
+}
+
+/// The policy scalars read on every check.
+#[derive(Clone, Copy, Debug)]
+struct FastPolicy {
+    generation: u64,
+    v4_prefix: u8,
+    v6_prefix: u8,
+    active: [bool; 3],
+}
+
+impl FastPolicy {
+    fn of(c: &Compiled) -> Self {
+        Self {
+            generation: c.generation,
+            v4_prefix: c.v4_prefix,
+            v6_prefix: c.v6_prefix,
+            active: c.active,
+        }
+    }
+
+    fn encode(self) -> u64 {
+        let active = self
+            .active
+            .iter()
+            .enumerate()
+            .fold(0u64, |a, (i, &b)| a | (u64::from(b) << i));
+        ((self.generation & 0xffff_ffff) << 32)
+            | (u64::from(self.v4_prefix) << 16)
+            | (u64::from(self.v6_prefix) << 8)
+            | active
+    }
+
+    #[inline]
+    fn decode(w: u64) -> Self {
+        Self {
+            generation: w >> 32,
+            v4_prefix: (w >> 16) as u8,
+            v6_prefix: (w >> 8) as u8,
+            active: [w & 1 != 0, w & 2 != 0, w & 4 != 0],
+        }
     }
 }
 

@@ -111,7 +111,7 @@ impl Engine {
         &self,
         _s: &[Option<&Arc<Entry>>; 3],
         _req: &Request<'_>,
-        _c: IpCluster,
+        _c: Option<IpCluster>,
         _now: u64,
         _p: &BehaviorPolicy,
         _pressure: [f32; 3],
@@ -119,6 +119,9 @@ impl Engine {
     ) {
     }
     pub(crate) fn dispatch(&self) {}
+    pub(crate) fn wants_cluster(&self) -> bool {
+        false
+    }
     pub(crate) fn events_dropped(&self) -> u64 {
         0
     }

@@ -13,9 +13,9 @@ use crate::subject::{parse_cidr, SubjectKind};
 /// One validated limit.
 #[derive(Debug)]
 pub(crate) struct LimitRt {
-    pub(crate) name: Arc<str>,
+    pub(crate) name: &'static str,
     /// `kind:name`, the denial reason.
-    pub(crate) reason: Arc<str>,
+    pub(crate) reason: &'static str,
     pub(crate) algo: Algo,
 }
 
@@ -28,6 +28,9 @@ pub(crate) struct LimitSet {
     pub(crate) exempt: bool,
     /// Some limit needs the permit to come back (tokens to settle, a slot to release).
     pub(crate) needs_handle: bool,
+    /// The behavioural settings of the policy this set belongs to, reachable from any entry
+    /// without touching the shared policy pointer.
+    pub(crate) behavior: Arc<crate::behavior::BehaviorPolicy>,
 }
 
 impl LimitSet {
@@ -156,6 +159,7 @@ fn compile_set(
     limits: &BTreeMap<String, LimitConfig>,
     path: &str,
     exempt: bool,
+    behavior: &Arc<crate::behavior::BehaviorPolicy>,
 ) -> Result<LimitSet, ConfigError> {
     let mut out = Vec::with_capacity(limits.len());
     for (name, cfg) in limits {
@@ -172,8 +176,8 @@ fn compile_set(
         }
         let algo = compile_limit(cfg, &lpath)?;
         out.push(LimitRt {
-            name: name.as_str().into(),
-            reason: format!("{}:{name}", kind.as_str()).into(),
+            name: intern(name),
+            reason: intern(&format!("{}:{name}", kind.as_str())),
             algo,
         });
     }
@@ -190,7 +194,24 @@ fn compile_set(
         limits: out.into_boxed_slice(),
         exempt,
         needs_handle,
+        behavior: behavior.clone(),
     })
+}
+
+/// Limit names and reasons live for the whole program: a name is leaked once, the first time a
+/// policy uses it, so decisions can carry `&'static str` without allocating or touching shared
+/// reference counts. The set of distinct names any program configures is small.
+pub(crate) fn intern(s: &str) -> &'static str {
+    use std::collections::HashSet;
+    use std::sync::OnceLock;
+    static NAMES: OnceLock<parking_lot::Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES.get_or_init(Default::default).lock();
+    if let Some(n) = names.get(s) {
+        return n;
+    }
+    let leaked: &'static str = Box::leak(s.to_owned().into_boxed_str());
+    names.insert(leaked);
+    leaked
 }
 
 /// Validates `p` and builds its runtime form.
@@ -205,23 +226,33 @@ pub(crate) fn compile(p: &Policy, generation: u64) -> Result<Compiled, ConfigErr
     if p.cluster.v6_prefix == 0 || p.cluster.v6_prefix > 128 {
         return Err(prefix_err("cluster.v6_prefix", 128));
     }
+    p.behavior.validate("behavior")?;
+    let bp = Arc::new(p.behavior.clone());
     let defaults = [
         Arc::new(compile_set(
             SubjectKind::ApiKey,
             &p.api_key,
             "api_key",
             false,
+            &bp,
         )?),
-        Arc::new(compile_set(SubjectKind::Org, &p.org, "org", false)?),
+        Arc::new(compile_set(SubjectKind::Org, &p.org, "org", false, &bp)?),
         Arc::new(compile_set(
             SubjectKind::IpCluster,
             &p.ip_cluster,
             "ip_cluster",
             false,
+            &bp,
         )?),
     ];
     let anonymous = match &p.anonymous {
-        Some(a) => Arc::new(compile_set(SubjectKind::ApiKey, a, "anonymous", false)?),
+        Some(a) => Arc::new(compile_set(
+            SubjectKind::ApiKey,
+            a,
+            "anonymous",
+            false,
+            &bp,
+        )?),
         None => defaults[0].clone(),
     };
     let mut by_name: [HashMap<String, Arc<LimitSet>>; 2] = Default::default();
@@ -240,6 +271,7 @@ pub(crate) fn compile(p: &Policy, generation: u64) -> Result<Compiled, ConfigErr
             &merged,
             &format!("{opath}.limits"),
             o.exempt_behavior,
+            &bp,
         )?);
         let dup = || ConfigError::Invalid {
             path: format!("{opath}.id"),
@@ -280,7 +312,6 @@ pub(crate) fn compile(p: &Policy, generation: u64) -> Result<Compiled, ConfigErr
         });
     }
     let idle_ns = nanos(p.table.idle_timeout.0, "table.idle_timeout")?;
-    p.behavior.validate("behavior")?;
     let active = [
         p.behavior.enabled
             || !defaults[0].limits.is_empty()

@@ -3,7 +3,7 @@
 mod compile;
 mod config;
 
-pub(crate) use compile::{compile, Compiled, LimitSet};
+pub(crate) use compile::{compile, intern as intern_name, Compiled, LimitSet};
 pub use config::{ClusterConfig, LimitConfig, Override, Period, Policy, TableConfig};
 
 /// A policy that cannot be built. Each variant names the path of the bad field, for example
