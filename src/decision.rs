@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::behavior::Level;
 use crate::limit::{Algo, Unit};
 use crate::subject::SubjectKind;
-use crate::table::Entry;
+use crate::table::Id;
 use crate::warden::Warden;
 
 /// A denial reason: a `&'static str` (limit names are interned when a policy is compiled), so
@@ -195,11 +195,20 @@ impl Denial {
     }
 }
 
-/// The handles a permit keeps on the subjects it charged.
+/// How a permit finds a subject again: by id (never by a pointer, so eviction and policy
+/// swaps cannot leave it dangling).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Handle {
+    Name(Id),
+    Cluster(u128),
+    Overflow,
+}
+
+/// What a permit keeps about the subjects it charged.
 #[derive(Debug, Default)]
 pub(crate) struct PermitInner {
     pub(crate) now: u64,
-    pub(crate) handles: [Option<Arc<Entry>>; 3],
+    pub(crate) handles: [Option<Handle>; 3],
     /// Cost multiplier applied per subject (throttle).
     pub(crate) mult: [u64; 3],
     pub(crate) input_tokens: u64,
@@ -207,6 +216,8 @@ pub(crate) struct PermitInner {
     pub(crate) level: Level,
     pub(crate) req: Option<Candidate>,
     pub(crate) tok: Option<Candidate>,
+    /// Some subject has a concurrency limit: dropping must release it.
+    pub(crate) holds_slots: bool,
     pub(crate) done: bool,
 }
 
@@ -220,42 +231,46 @@ impl PermitInner {
         let actual = self.input_tokens.saturating_add(actual_output);
         for (i, h) in self.handles.iter().enumerate() {
             let Some(h) = h else { continue };
-            let e = h.latest();
             let m = self.mult[i].max(1);
             let (extra, refund) = if actual >= charged {
                 ((actual - charged).saturating_mul(m), 0)
             } else {
                 (0, (charged - actual).saturating_mul(m))
             };
-            for (l, c) in e.set.limits.iter().zip(e.cells.iter()) {
-                l.algo.settle(c, now, extra, refund);
-            }
-            if let Some(b) = &e.behavior {
-                warden.behavior_settle(&e, b, actual_output, now);
-            }
+            // A debt is charged even if the subject was evicted meanwhile (it comes back).
+            warden.with_subject(SubjectKind::ALL[i], *h, now, extra > 0, |e| {
+                for (l, c) in e.set.limits.iter().zip(e.cells()) {
+                    l.algo.settle(c, now, extra, refund);
+                }
+                if let Some(b) = &e.behavior {
+                    warden.behavior_settle(SubjectKind::ALL[i], b, actual_output, now);
+                }
+            });
         }
-        self.release(now);
+        self.release(warden, now);
     }
 
-    fn release(&mut self, now: u64) {
+    fn release(&mut self, warden: &Warden, now: u64) {
         if self.done {
             return;
         }
         self.done = true;
         for (i, h) in self.handles.iter().enumerate() {
             let Some(h) = h else { continue };
-            let e = h.latest();
-            for (l, c) in e.set.limits.iter().zip(e.cells.iter()) {
-                if l.algo.unit() == Unit::InFlight {
-                    l.algo.rollback(c, now, self.mult[i].max(1), now);
+            let m = self.mult[i].max(1);
+            warden.with_subject(SubjectKind::ALL[i], *h, now, false, |e| {
+                for (l, c) in e.set.limits.iter().zip(e.cells()) {
+                    if l.algo.unit() == Unit::InFlight {
+                        l.algo.rollback(c, now, m, now);
+                    }
                 }
-            }
+            });
         }
     }
 
     pub(crate) fn drop_release(&mut self, warden: &Warden) {
-        if !self.done && self.handles.iter().any(Option::is_some) {
-            self.release(warden.now());
+        if !self.done && self.holds_slots {
+            self.release(warden, warden.now());
         }
     }
 }

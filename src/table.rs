@@ -1,11 +1,19 @@
-//! The bounded keyed store of subjects: a sharded `DashMap` with a random ahash seed, a hard
-//! cap on tracked subjects, and idle eviction amortised on caller threads.
+//! The bounded keyed store of subjects: a sharded `DashMap` whose values are the subjects'
+//! limit cells stored inline, a hard cap on tracked subjects, and idle eviction amortised on
+//! caller threads.
+//!
+//! API keys and orgs are not stored as strings. Each name is hashed once per check with two
+//! independently, randomly seeded ahash functions into a 128-bit [`Id`], and the table is
+//! keyed by that id (hashed again by a pass-through hasher, since it is already uniformly
+//! random). A lookup therefore touches the bucket and nothing else: no string comparison, no
+//! pointer chase. Two different names share an id with probability about n²/2¹²⁹ for n names
+//! (≈ 10⁻²⁷ for a million keys); the seeds are random per process, so clients cannot aim for a
+//! collision.
 
-use std::borrow::Borrow;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use dashmap::mapref::entry::Entry as MapEntry;
@@ -20,18 +28,89 @@ use crate::policy::{Compiled, LimitSet};
 /// check.
 const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000;
 
-/// The state of one subject: one atomic cell per limit, plus bookkeeping.
+/// Limit cells kept inline in the table bucket; larger limit sets spill to the heap.
+const INLINE_CELLS: usize = 2;
+
+/// A 128-bit keyed hash of a subject name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Id(pub(crate) [u64; 2]);
+
+impl Hash for Id {
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0[0]);
+    }
+}
+
+/// Hashes names into [`Id`]s with two random seeds.
+#[derive(Debug)]
+pub(crate) struct Namer {
+    a: ahash::RandomState,
+    b: ahash::RandomState,
+}
+
+impl Namer {
+    pub(crate) fn new() -> Self {
+        Self {
+            a: ahash::RandomState::new(),
+            b: ahash::RandomState::new(),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn id(&self, name: &str) -> Id {
+        Id([self.a.hash_one(name), self.b.hash_one(name)])
+    }
+}
+
+/// A hasher for keys that are already random: it passes the first word through.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PassThrough;
+
+#[derive(Debug, Default)]
+pub(crate) struct PassThroughHasher(u64);
+
+impl Hasher for PassThroughHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached for keys that are not `Id`; fold them in (never on the hot path).
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    #[inline]
+    fn write_u64(&mut self, v: u64) {
+        self.0 ^= v;
+    }
+}
+
+impl BuildHasher for PassThrough {
+    type Hasher = PassThroughHasher;
+
+    #[inline]
+    fn build_hasher(&self) -> PassThroughHasher {
+        PassThroughHasher(0)
+    }
+}
+
+/// The state of one subject: one atomic cell per limit, plus bookkeeping. Stored inline in
+/// the map's bucket.
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub(crate) set: Arc<LimitSet>,
-    pub(crate) cells: Box<[Cell]>,
+    inline: [Cell; INLINE_CELLS],
+    spill: Option<Box<Box<[Cell]>>>,
     pub(crate) last_seen: AtomicU64,
     /// Policy generation this entry was laid out for.
     pub(crate) generation: u64,
-    /// Set when a policy swap replaced this entry: late settlements follow it.
-    pub(crate) forward: OnceLock<Arc<Entry>>,
     /// Behavioural state, when the behavioural layer is on.
-    pub(crate) behavior: Option<crate::behavior::Slot>,
+    pub(crate) behavior: Option<Box<crate::behavior::Slot>>,
 }
 
 impl Entry {
@@ -39,16 +118,26 @@ impl Entry {
         set: Arc<LimitSet>,
         generation: u64,
         now: u64,
-        behavior: Option<crate::behavior::Slot>,
+        behavior: Option<Box<crate::behavior::Slot>>,
     ) -> Self {
-        let cells = (0..set.limits.len()).map(|_| Cell::new(0)).collect();
+        let n = set.limits.len();
+        let spill = (n > INLINE_CELLS).then(|| Box::new((0..n).map(|_| Cell::new(0)).collect()));
         Self {
             set,
-            cells,
+            inline: [Cell::new(0), Cell::new(0)],
+            spill,
             last_seen: AtomicU64::new(now),
             generation,
-            forward: OnceLock::new(),
             behavior,
+        }
+    }
+
+    /// One cell per limit of `self.set`, in the same order.
+    #[inline]
+    pub(crate) fn cells(&self) -> &[Cell] {
+        match &self.spill {
+            Some(s) => s,
+            None => &self.inline[..self.set.limits.len()],
         }
     }
 
@@ -60,41 +149,34 @@ impl Entry {
         }
     }
 
-    /// The entry that replaced this one, if a policy swap migrated it (followed to the end).
-    pub(crate) fn latest(self: &Arc<Self>) -> Arc<Entry> {
-        let mut cur = self.clone();
-        while let Some(next) = cur.forward.get() {
-            cur = next.clone();
-        }
-        cur
-    }
-
     /// A copy laid out for `set`, keeping the state of limits that did not change.
     fn migrate(&self, set: Arc<LimitSet>, generation: u64) -> Entry {
         let carry = set.carry_from(&self.set);
-        let cells = carry
-            .iter()
-            .map(|c| Cell::new(c.map_or(0, |j| self.cells[j].load(Ordering::Acquire))))
-            .collect();
-        Entry {
+        let behavior = self.behavior.as_ref().map(|b| Box::new(b.clone_state()));
+        let e = Entry::new(
             set,
-            cells,
-            last_seen: AtomicU64::new(self.last_seen.load(Ordering::Relaxed)),
             generation,
-            forward: OnceLock::new(),
-            behavior: self.behavior.as_ref().map(|b| b.clone_state()),
+            self.last_seen.load(Ordering::Relaxed),
+            behavior,
+        );
+        let old = self.cells();
+        for (c, from) in e.cells().iter().zip(carry) {
+            if let Some(j) = from {
+                c.store(old[j].load(Ordering::Acquire), Ordering::Release);
+            }
         }
+        e
     }
 
-    /// Whether evicting this entry loses nothing: limits back to their initial state, not
-    /// escalated, no permit outstanding (the caller checks the reference count).
+    /// Whether evicting this entry loses nothing: untouched for the idle timeout, limits back
+    /// to their initial state (so no slot is held and no debt is pending), and not escalated.
     fn evictable(&self, now: u64, idle_ns: u64) -> bool {
         now.saturating_sub(self.last_seen.load(Ordering::Relaxed)) >= idle_ns
             && self
                 .set
                 .limits
                 .iter()
-                .zip(self.cells.iter())
+                .zip(self.cells())
                 .all(|(l, c)| l.algo.is_fresh(c, now))
             && self.behavior.as_ref().is_none_or(|b| b.evictable(now))
     }
@@ -102,15 +184,15 @@ impl Entry {
 
 /// A subject's entry during a check: a read guard into the map, or the shared overflow entry.
 pub(crate) enum Slot<'a, K> {
-    Mapped(Ref<'a, K, Arc<Entry>>),
+    Mapped(Ref<'a, K, Entry>),
     Overflow(Arc<Entry>),
 }
 
 impl<K: Eq + Hash> Deref for Slot<'_, K> {
-    type Target = Arc<Entry>;
+    type Target = Entry;
 
     #[inline]
-    fn deref(&self) -> &Arc<Entry> {
+    fn deref(&self) -> &Entry {
         match self {
             Slot::Mapped(r) => r.value(),
             Slot::Overflow(e) => e,
@@ -118,9 +200,15 @@ impl<K: Eq + Hash> Deref for Slot<'_, K> {
     }
 }
 
+impl<K> Slot<'_, K> {
+    pub(crate) fn is_overflow(&self) -> bool {
+        matches!(self, Slot::Overflow(_))
+    }
+}
+
 /// One kind's subjects.
-pub(crate) struct Table<K> {
-    map: DashMap<K, Arc<Entry>, ahash::RandomState>,
+pub(crate) struct Table<K, S> {
+    map: DashMap<K, Entry, S>,
     tracked: AtomicUsize,
     max: AtomicUsize,
     idle_ns: AtomicU64,
@@ -132,7 +220,7 @@ pub(crate) struct Table<K> {
     pub(crate) overflow_hits: AtomicU64,
 }
 
-impl<K> std::fmt::Debug for Table<K> {
+impl<K, S> std::fmt::Debug for Table<K, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Table")
             .field("tracked", &self.tracked.load(Ordering::Relaxed))
@@ -141,16 +229,12 @@ impl<K> std::fmt::Debug for Table<K> {
     }
 }
 
-impl<K: Eq + Hash + Clone> Table<K> {
-    pub(crate) fn new(max: usize, idle_ns: u64, overflow: Entry) -> Self {
+impl<K: Eq + Hash + Copy, S: BuildHasher + Clone> Table<K, S> {
+    pub(crate) fn new(max: usize, idle_ns: u64, overflow: Entry, hasher: S) -> Self {
         Self {
             // Many shards keep the write lock of a first-seen key (and of maintenance) away
             // from most readers.
-            map: DashMap::with_capacity_and_hasher_and_shard_amount(
-                0,
-                ahash::RandomState::new(),
-                64,
-            ),
+            map: DashMap::with_capacity_and_hasher_and_shard_amount(0, hasher, 64),
             tracked: AtomicUsize::new(0),
             max: AtomicUsize::new(max),
             idle_ns: AtomicU64::new(idle_ns),
@@ -173,20 +257,15 @@ impl<K: Eq + Hash + Clone> Table<K> {
     /// Concurrency: a shard read lock when the key is known; the shard write lock the first time
     /// a key is seen. The returned guard holds the read lock until dropped.
     #[inline]
-    pub(crate) fn get_or_insert<Q>(
+    pub(crate) fn get_or_insert(
         &self,
-        key: &Q,
+        key: K,
         now: u64,
         generation: u64,
-        to_owned: impl FnOnce() -> K,
         make: impl Fn(&Compiled) -> Entry,
         policy: &ArcSwap<Compiled>,
-    ) -> Slot<'_, K>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        if let Some(r) = self.map.get(key) {
+    ) -> Slot<'_, K> {
+        if let Some(r) = self.map.get(&key) {
             // Entries are never migrated backwards: one laid out by a newer policy than the
             // generation this check read is used as it is.
             if r.generation >= generation {
@@ -198,14 +277,14 @@ impl<K: Eq + Hash + Clone> Table<K> {
                 return slot;
             }
         }
-        self.insert_slow(now, to_owned, &make, policy)
+        self.insert_slow(key, now, &make, policy)
     }
 
     #[cold]
     fn insert_slow(
         &self,
+        key: K,
         now: u64,
-        to_owned: impl FnOnce() -> K,
         make: &impl Fn(&Compiled) -> Entry,
         policy: &ArcSwap<Compiled>,
     ) -> Slot<'_, K> {
@@ -220,33 +299,27 @@ impl<K: Eq + Hash + Clone> Table<K> {
         } else {
             self.maybe_maintain(now, false);
         }
-        match self.map.entry(to_owned()) {
+        match self.map.entry(key) {
             MapEntry::Occupied(o) => {
                 self.tracked.fetch_sub(1, Ordering::Relaxed);
-                o.into_ref().downgrade().into()
+                Slot::Mapped(o.into_ref().downgrade())
             }
-            MapEntry::Vacant(v) => v.insert(Arc::new(make(&policy.load()))).downgrade().into(),
+            MapEntry::Vacant(v) => Slot::Mapped(v.insert(make(&policy.load())).downgrade()),
         }
     }
 
     #[cold]
-    fn migrate<Q>(
+    fn migrate(
         &self,
-        key: &Q,
+        key: K,
         make: &impl Fn(&Compiled) -> Entry,
         policy: &ArcSwap<Compiled>,
-    ) -> Option<Slot<'_, K>>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        let mut r = self.map.get_mut(key)?;
+    ) -> Option<Slot<'_, K>> {
+        let mut r = self.map.get_mut(&key)?;
         let pol = policy.load();
         if r.generation < pol.generation {
             let fresh = make(&pol);
-            let next = Arc::new(r.migrate(fresh.set.clone(), pol.generation));
-            let _ = r.forward.set(next.clone());
-            *r = next;
+            *r = r.migrate(fresh.set.clone(), pol.generation);
         }
         Some(Slot::Mapped(r.downgrade()))
     }
@@ -293,7 +366,7 @@ impl<K: Eq + Hash + Clone> Table<K> {
         );
         let mut removed = 0usize;
         self.map.retain(|_, e| {
-            let keep = Arc::strong_count(e) > 1 || !e.evictable(now, idle);
+            let keep = !e.evictable(now, idle);
             if !keep {
                 removed += 1;
             }
@@ -310,33 +383,23 @@ impl<K: Eq + Hash + Clone> Table<K> {
     pub(crate) fn reconfigure(&self, max: usize, idle_ns: u64, overflow: Entry) {
         self.max.store(max, Ordering::Relaxed);
         self.idle_ns.store(idle_ns, Ordering::Relaxed);
-        let old = self.overflow.swap(Arc::new(overflow));
-        let _ = old.forward.set(self.overflow.load_full());
-    }
-
-    pub(crate) fn overflow_generation(&self) -> u64 {
-        self.overflow.load().generation
+        self.overflow.store(Arc::new(overflow));
     }
 
     /// Looks a subject up without inserting it.
-    pub(crate) fn get<Q>(&self, key: &Q) -> Option<Arc<Entry>>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        self.map.get(key).map(|r| r.value().clone())
+    pub(crate) fn get(&self, key: &K) -> Option<Ref<'_, K, Entry>> {
+        self.map.get(key)
+    }
+
+    /// The shared overflow entry.
+    pub(crate) fn overflow(&self) -> Arc<Entry> {
+        self.overflow.load_full()
     }
 
     /// Visits every tracked entry (read locks, one shard at a time).
-    pub(crate) fn for_each(&self, mut f: impl FnMut(&K, &Arc<Entry>)) {
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&K, &Entry)) {
         for r in self.map.iter() {
             f(r.key(), r.value());
         }
-    }
-}
-
-impl<'a, K: Eq + Hash> From<Ref<'a, K, Arc<Entry>>> for Slot<'a, K> {
-    fn from(r: Ref<'a, K, Arc<Entry>>) -> Self {
-        Slot::Mapped(r)
     }
 }

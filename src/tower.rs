@@ -776,6 +776,7 @@ fn header_name(name: &'static str) -> Option<HeaderName> {
 }
 
 fn put_headers(map: &mut HeaderMap, pairs: Vec<(&'static str, String)>) {
+    map.reserve(pairs.len());
     for (name, value) in pairs {
         if let (Some(n), Ok(v)) = (header_name(name), HeaderValue::try_from(value)) {
             map.insert(n, v);

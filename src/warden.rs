@@ -8,13 +8,14 @@ use parking_lot::Mutex;
 
 use crate::behavior::{Level, Slot as BehaviorSlot};
 use crate::clock::{Clock, SystemClock};
+use crate::decision::Handle;
 use crate::decision::{Candidate, Decision, Denial, InlineStr, Permit, PermitInner, RateLimitInfo};
 use crate::limit::{Outcome, Unit};
 use crate::policy::{compile, Compiled, ConfigError, LimitSet, Policy};
 use crate::request::Request;
 use crate::stats::{Counter, Counters, WardenStats};
 use crate::subject::{IpCluster, SubjectKind};
-use crate::table::{Entry, Table};
+use crate::table::{Entry, Id, Namer, PassThrough, Slot, Table};
 
 /// Builds a [`Warden`].
 ///
@@ -72,9 +73,15 @@ impl WardenBuilder {
         let behavior =
             crate::behavior::Engine::new(&compiled.behavior, self.hooks, self.event_capacity);
         Ok(Warden {
-            keys: Table::new(max, idle, overflow(SubjectKind::ApiKey)),
-            orgs: Table::new(max, idle, overflow(SubjectKind::Org)),
-            clusters: Table::new(max, idle, overflow(SubjectKind::IpCluster)),
+            keys: Table::new(max, idle, overflow(SubjectKind::ApiKey), PassThrough),
+            orgs: Table::new(max, idle, overflow(SubjectKind::Org), PassThrough),
+            clusters: Table::new(
+                max,
+                idle,
+                overflow(SubjectKind::IpCluster),
+                ahash::RandomState::new(),
+            ),
+            namer: Namer::new(),
             fast: AtomicU64::new(FastPolicy::of(&compiled).encode()),
             policy: ArcSwap::from_pointee(compiled),
             policy_lock: Mutex::new(()),
@@ -110,9 +117,10 @@ impl WardenBuilder {
 /// ```
 #[derive(Debug)]
 pub struct Warden {
-    keys: Table<Box<str>>,
-    orgs: Table<Box<str>>,
-    clusters: Table<u128>,
+    keys: Table<Id, PassThrough>,
+    orgs: Table<Id, PassThrough>,
+    clusters: Table<u128, ahash::RandomState>,
+    namer: Namer,
     policy: ArcSwap<Compiled>,
     /// The few policy scalars every check needs, packed in one word (see [`FastPolicy`]), so
     /// the hot path never touches the shared policy pointer.
@@ -125,7 +133,7 @@ pub struct Warden {
 
 /// Up to this many limits across the three subjects are tracked for rollback without
 /// allocating; larger policies still work (they recompute).
-type Subjects<'a> = [Option<&'a Arc<Entry>>; 3];
+type Subjects<'a> = [Option<&'a Entry>; 3];
 
 impl Warden {
     /// A builder with the `llm_api` preset and the system clock.
@@ -141,7 +149,7 @@ impl Warden {
 
     fn new_entry(&self, set: &Arc<LimitSet>, pol: &Compiled, now: u64, kind: SubjectKind) -> Entry {
         let b = if pol.behavior.enabled {
-            Some(BehaviorSlot::new(kind, now, set.exempt))
+            Some(Box::new(BehaviorSlot::new(kind, now, set.exempt)))
         } else {
             None
         };
@@ -175,43 +183,43 @@ impl Warden {
         let generation = fast.generation;
         let cluster = || IpCluster::new(req.ip, fast.v4_prefix, fast.v6_prefix);
 
-        let anon_id;
-        let key_slot = match req.api_key {
-            _ if !fast.active[0] => None,
-            Some(k) => Some(self.keys.get_or_insert(
-                k,
+        let need_cluster = fast.active[2] || req.api_key.is_none() || self.behavior.wants_cluster();
+        let cluster = if need_cluster { Some(cluster()) } else { None };
+        let mut handles: [Option<Handle>; 3] = [None; 3];
+
+        let key_slot = fast.active[0].then(|| {
+            let (id, anonymous) = match req.api_key {
+                Some(k) => (self.namer.id(k), false),
+                None => (
+                    self.namer.id(&format!(
+                        "anon:{}",
+                        cluster.expect("computed for anonymous")
+                    )),
+                    true,
+                ),
+            };
+            handles[0] = Some(Handle::Name(id));
+            self.keys.get_or_insert(
+                id,
                 now,
                 generation,
-                || k.into(),
                 |pol| {
-                    self.new_entry(
-                        pol.set_for_name(SubjectKind::ApiKey, k),
-                        pol,
-                        now,
-                        SubjectKind::ApiKey,
-                    )
+                    let set = match req.api_key {
+                        Some(k) if !anonymous => pol.set_for_name(SubjectKind::ApiKey, k),
+                        _ => &pol.anonymous,
+                    };
+                    self.new_entry(set, pol, now, SubjectKind::ApiKey)
                 },
                 &self.policy,
-            )),
-            None => {
-                anon_id = format!("anon:{}", cluster());
-                let id = anon_id.as_str();
-                Some(self.keys.get_or_insert(
-                    id,
-                    now,
-                    generation,
-                    || id.into(),
-                    |pol| self.new_entry(&pol.anonymous, pol, now, SubjectKind::ApiKey),
-                    &self.policy,
-                ))
-            }
-        };
+            )
+        });
         let org_slot = req.org.filter(|_| fast.active[1]).map(|o| {
+            let id = self.namer.id(o);
+            handles[1] = Some(Handle::Name(id));
             self.orgs.get_or_insert(
-                o,
+                id,
                 now,
                 generation,
-                || o.into(),
                 |pol| {
                     self.new_entry(
                         pol.set_for_name(SubjectKind::Org, o),
@@ -223,19 +231,26 @@ impl Warden {
                 &self.policy,
             )
         });
-        let need_cluster = fast.active[2] || self.behavior.wants_cluster();
-        let cluster = if need_cluster { Some(cluster()) } else { None };
         let cl_slot = cluster.filter(|_| fast.active[2]).map(|c| {
             let bits = c.bits();
+            handles[2] = Some(Handle::Cluster(bits));
             self.clusters.get_or_insert(
-                &bits,
+                bits,
                 now,
                 generation,
-                || bits,
                 |pol| self.new_entry(pol.set_for_cluster(bits), pol, now, SubjectKind::IpCluster),
                 &self.policy,
             )
         });
+        for (h, overflow) in handles.iter_mut().zip([
+            key_slot.as_ref().is_some_and(Slot::is_overflow),
+            org_slot.as_ref().is_some_and(Slot::is_overflow),
+            cl_slot.as_ref().is_some_and(Slot::is_overflow),
+        ]) {
+            if overflow {
+                *h = Some(Handle::Overflow);
+            }
+        }
         let subjects: Subjects<'_> = [key_slot.as_deref(), org_slot.as_deref(), cl_slot.as_deref()];
         let Some(bpol) = subjects.iter().flatten().next().map(|e| &*e.set.behavior) else {
             // No kind is tracked: nothing can refuse.
@@ -288,7 +303,7 @@ impl Warden {
         let mut refusal: Option<(usize, usize, Option<u64>)> = None;
         'commit: for (si, e) in subjects.iter().enumerate() {
             let Some(e) = e else { continue };
-            for (li, (l, c)) in e.set.limits.iter().zip(e.cells.iter()).enumerate() {
+            for (li, (l, c)) in e.set.limits.iter().zip(e.cells()).enumerate() {
                 let out = match cost_of(l.algo.unit(), mult[si]) {
                     Some(cost) => l.algo.try_charge(c, now, cost),
                     None => Outcome::Refused(None),
@@ -306,7 +321,7 @@ impl Warden {
             let mut wait = first_wait;
             for (sj, e) in subjects.iter().enumerate() {
                 let Some(e) = e else { continue };
-                for (lj, (l, c)) in e.set.limits.iter().zip(e.cells.iter()).enumerate() {
+                for (lj, (l, c)) in e.set.limits.iter().zip(e.cells()).enumerate() {
                     if (sj, lj) == (si, li) || wait.is_none() {
                         continue;
                     }
@@ -331,7 +346,7 @@ impl Warden {
             });
             let cand = Candidate {
                 algo: l.algo,
-                state: e.cells[li].load(Ordering::Acquire),
+                state: e.cells()[li].load(Ordering::Acquire),
                 name: l.name,
             };
             let (req_c, tok_c) = match l.algo.unit() {
@@ -369,9 +384,10 @@ impl Warden {
         for (si, e) in subjects.iter().enumerate() {
             let Some(e) = e else { continue };
             if e.set.needs_handle || e.behavior.is_some() {
-                inner.handles[si] = Some(Arc::clone(e));
+                inner.handles[si] = handles[si];
+                inner.holds_slots |= e.set.holds_slots;
             }
-            for (l, c) in e.set.limits.iter().zip(e.cells.iter()) {
+            for (l, c) in e.set.limits.iter().zip(e.cells()) {
                 let slot = match l.algo.unit() {
                     Unit::Requests => 0,
                     Unit::Tokens => 1,
@@ -422,7 +438,7 @@ impl Warden {
     ) {
         for (si, e) in subjects.iter().enumerate() {
             let Some(e) = e else { continue };
-            for (li, (l, c)) in e.set.limits.iter().zip(e.cells.iter()).enumerate() {
+            for (li, (l, c)) in e.set.limits.iter().zip(e.cells()).enumerate() {
                 if (si, li) == (stop_s, stop_l) {
                     return;
                 }
@@ -536,7 +552,6 @@ impl Warden {
             idle,
             Entry::new(compiled.defaults[2].clone(), generation, now, None),
         );
-        debug_assert_eq!(self.keys.overflow_generation(), generation);
         self.behavior.reconfigure(&compiled.behavior);
         let fast = FastPolicy::of(&compiled).encode();
         // Publish the policy before the generation: a check that sees the new generation
@@ -551,12 +566,56 @@ impl Warden {
         self.policy.load().source.clone()
     }
 
-    pub(crate) fn compiled(&self) -> arc_swap::Guard<Arc<Compiled>> {
-        self.policy.load()
-    }
-
-    pub(crate) fn tables(&self) -> (&Table<Box<str>>, &Table<Box<str>>, &Table<u128>) {
-        (&self.keys, &self.orgs, &self.clusters)
+    /// Runs `f` on a subject found by its permit handle. With `create`, a subject that was
+    /// evicted meanwhile is inserted afresh (so a settlement debt is never lost).
+    pub(crate) fn with_subject(
+        &self,
+        kind: SubjectKind,
+        h: Handle,
+        now: u64,
+        create: bool,
+        f: impl FnOnce(&Entry),
+    ) {
+        let generation = FastPolicy::decode(self.fast.load(Ordering::Acquire)).generation;
+        let make = |pol: &Compiled| {
+            let set = match h {
+                Handle::Cluster(bits) => pol.set_for_cluster(bits),
+                _ => &pol.defaults[kind.index()],
+            };
+            self.new_entry(set, pol, now, kind)
+        };
+        match (kind, h) {
+            (_, Handle::Overflow) => {
+                let e = match kind {
+                    SubjectKind::ApiKey => self.keys.overflow(),
+                    SubjectKind::Org => self.orgs.overflow(),
+                    SubjectKind::IpCluster => self.clusters.overflow(),
+                };
+                f(&e);
+            }
+            (SubjectKind::IpCluster, Handle::Cluster(bits)) => {
+                if create {
+                    f(&self
+                        .clusters
+                        .get_or_insert(bits, now, generation, make, &self.policy));
+                } else if let Some(r) = self.clusters.get(&bits) {
+                    f(&r);
+                }
+            }
+            (kind, Handle::Name(id)) => {
+                let table = if kind == SubjectKind::Org {
+                    &self.orgs
+                } else {
+                    &self.keys
+                };
+                if create {
+                    f(&table.get_or_insert(id, now, generation, make, &self.policy));
+                } else if let Some(r) = table.get(&id) {
+                    f(&r);
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -629,7 +688,7 @@ fn pressures(subjects: &Subjects<'_>, now: u64) -> [f32; 3] {
             continue;
         }
         let mut p = 0.0f32;
-        for (l, c) in e.set.limits.iter().zip(e.cells.iter()) {
+        for (l, c) in e.set.limits.iter().zip(e.cells()) {
             if l.algo.unit() == Unit::InFlight {
                 continue;
             }

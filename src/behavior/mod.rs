@@ -94,7 +94,7 @@ impl Engine {
     }
     pub(crate) fn levels(
         &self,
-        _s: &[Option<&Arc<Entry>>; 3],
+        _s: &[Option<&Entry>; 3],
         _now: u64,
         _p: &BehaviorPolicy,
     ) -> [Level; 3] {
@@ -109,7 +109,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn observe(
         &self,
-        _s: &[Option<&Arc<Entry>>; 3],
+        _s: &[Option<&Entry>; 3],
         _req: &Request<'_>,
         _c: Option<IpCluster>,
         _now: u64,
@@ -132,5 +132,5 @@ impl Engine {
 }
 
 impl crate::warden::Warden {
-    pub(crate) fn behavior_settle(&self, _e: &Arc<Entry>, _b: &Slot, _actual: u64, _now: u64) {}
+    pub(crate) fn behavior_settle(&self, _k: SubjectKind, _b: &Slot, _actual: u64, _now: u64) {}
 }

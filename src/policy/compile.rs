@@ -28,6 +28,8 @@ pub(crate) struct LimitSet {
     pub(crate) exempt: bool,
     /// Some limit needs the permit to come back (tokens to settle, a slot to release).
     pub(crate) needs_handle: bool,
+    /// Some limit is a concurrency limit: permits release it when dropped.
+    pub(crate) holds_slots: bool,
     /// The behavioural settings of the policy this set belongs to, reachable from any entry
     /// without touching the shared policy pointer.
     pub(crate) behavior: Arc<crate::behavior::BehaviorPolicy>,
@@ -189,11 +191,13 @@ fn compile_set(
         Unit::InFlight => 2,
     });
     let needs_handle = out.iter().any(|l| l.algo.unit() != Unit::Requests);
+    let holds_slots = out.iter().any(|l| l.algo.unit() == Unit::InFlight);
     Ok(LimitSet {
         kind,
         limits: out.into_boxed_slice(),
         exempt,
         needs_handle,
+        holds_slots,
         behavior: behavior.clone(),
     })
 }
