@@ -218,6 +218,8 @@ pub(crate) struct PermitInner {
     pub(crate) tok: Option<Candidate>,
     /// Some subject has a concurrency limit: dropping must release it.
     pub(crate) holds_slots: bool,
+    /// (template, SimHash) of the request, for the behavioural cross index on settle.
+    pub(crate) families: (Option<u64>, Option<u64>),
     pub(crate) done: bool,
 }
 
@@ -229,6 +231,7 @@ impl PermitInner {
         let now = warden.now();
         let charged = self.input_tokens.saturating_add(self.expected_output);
         let actual = self.input_tokens.saturating_add(actual_output);
+        let mut cross_done = false;
         for (i, h) in self.handles.iter().enumerate() {
             let Some(h) = h else { continue };
             let m = self.mult[i].max(1);
@@ -243,7 +246,12 @@ impl PermitInner {
                     l.algo.settle(c, now, extra, refund);
                 }
                 if let Some(b) = &e.behavior {
-                    warden.behavior_settle(SubjectKind::ALL[i], b, actual_output, now);
+                    crate::behavior::Engine::settle(b, actual_output, now);
+                    if !cross_done {
+                        cross_done = true;
+                        let (t, s) = self.families;
+                        crate::behavior::Engine::settle_cross(&e.set.behavior, t, s, actual_output);
+                    }
                 }
             });
         }
@@ -298,7 +306,8 @@ impl Permit<'_> {
     /// use ratewarden::{Decision, ManualClock, Policy, Request, Warden};
     /// let w = Warden::builder().policy(Policy::llm_api()).clock(ManualClock::new()).build().unwrap();
     /// let req = Request::new("k", "o", "192.0.2.1".parse().unwrap()).input_tokens(10).expected_output_tokens(1000);
-    /// if let Decision::Allow(p) = w.check(&req) {
+    /// let decision = w.check(&req);
+    /// if let Decision::Allow(p) = decision {
     ///     p.settle(12);
     /// }
     /// ```

@@ -2,6 +2,7 @@
 
 mod behavior;
 mod clock;
+mod control;
 mod decision;
 mod headers;
 mod hooks;
@@ -15,11 +16,17 @@ mod table;
 mod tower;
 mod warden;
 
-pub use behavior::{BehaviorPolicy, Level};
+pub use behavior::{
+    BehaviorPolicy, CrossPolicy, DetectorsPolicy, IpSpreadPolicy, KeyChurnPolicy, KeyFanoutPolicy,
+    Level, LevelRule, LevelsPolicy, LogprobHarvestPolicy, OutputVolumePolicy, PinnedPolicy,
+    PromptDiversityPolicy, PropagationPolicy, PropagationRule, RegularTimingPolicy,
+    TemplateSpreadPolicy, TemplateSweepPolicy,
+};
 pub use clock::{Clock, InstantClock, ManualClock, SystemClock};
+pub use control::{ControlError, SubjectReport};
 pub use decision::{Decision, Denial, LimitStatus, OwnedPermit, Permit, RateLimitInfo};
 pub use headers::{rate_limit_headers, retry_after_secs};
-pub use hooks::EscalationHook;
+pub use hooks::{EscalationEvent, EscalationHook, EventQueue, NoopHook, Reason};
 pub use policy::{ClusterConfig, ConfigError, LimitConfig, Override, Period, Policy, TableConfig};
 pub use request::Request;
 pub use stats::WardenStats;

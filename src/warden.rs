@@ -6,10 +6,11 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
-use crate::behavior::{Level, Slot as BehaviorSlot};
+use crate::behavior::{Engine, Level, Pending, Slot as BehaviorSlot};
 use crate::clock::{Clock, SystemClock};
 use crate::decision::Handle;
 use crate::decision::{Candidate, Decision, Denial, InlineStr, Permit, PermitInner, RateLimitInfo};
+use crate::hooks::EscalationHook;
 use crate::limit::{Outcome, Unit};
 use crate::policy::{compile, Compiled, ConfigError, LimitSet, Policy};
 use crate::request::Request;
@@ -34,8 +35,14 @@ use crate::table::{Entry, Id, Namer, PassThrough, Slot, Table};
 pub struct WardenBuilder {
     policy: Option<Policy>,
     clock: Option<Arc<dyn Clock>>,
-    pub(crate) hooks: Vec<Arc<dyn crate::hooks::EscalationHook>>,
-    pub(crate) event_capacity: Option<usize>,
+    hooks: Vec<Box<dyn EscalationHook>>,
+    event_capacity: Option<usize>,
+}
+
+impl std::fmt::Debug for dyn EscalationHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EscalationHook")
+    }
 }
 
 impl WardenBuilder {
@@ -51,6 +58,20 @@ impl WardenBuilder {
         self
     }
 
+    /// Adds a hook called on every escalation level change (see [`EscalationHook`]). Hooks run
+    /// in the order added, outside every lock, inside `catch_unwind`.
+    pub fn hook(mut self, hook: impl EscalationHook) -> Self {
+        self.hooks.push(Box::new(hook));
+        self
+    }
+
+    /// Capacity of the event queue that [`Warden::drain_events`] empties (default 1,024).
+    /// When it is full, new events are dropped and counted, never blocking a check.
+    pub fn event_capacity(mut self, capacity: usize) -> Self {
+        self.event_capacity = Some(capacity);
+        self
+    }
+
     /// Validates the policy and builds the warden.
     ///
     /// # Errors
@@ -58,7 +79,8 @@ impl WardenBuilder {
     /// A [`ConfigError`] naming the first invalid field.
     pub fn build(self) -> Result<Warden, ConfigError> {
         let policy = self.policy.unwrap_or_else(Policy::llm_api);
-        let compiled = compile(&policy, 1)?;
+        let seed = ahash::RandomState::new().hash_one(0x5EED_u64);
+        let compiled = compile(&policy, 1, seed, None)?;
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
         let now = clock.now_nanos();
         let overflow = |k: SubjectKind| {
@@ -70,8 +92,7 @@ impl WardenBuilder {
             )
         };
         let (max, idle) = (compiled.max_subjects, compiled.idle_ns);
-        let behavior =
-            crate::behavior::Engine::new(&compiled.behavior, self.hooks, self.event_capacity);
+        let behavior = Engine::new(self.hooks, self.event_capacity.unwrap_or(1024));
         Ok(Warden {
             keys: Table::new(max, idle, overflow(SubjectKind::ApiKey), PassThrough),
             orgs: Table::new(max, idle, overflow(SubjectKind::Org), PassThrough),
@@ -88,6 +109,7 @@ impl WardenBuilder {
             clock,
             counters: Counters::default(),
             behavior,
+            seed,
         })
     }
 }
@@ -128,7 +150,9 @@ pub struct Warden {
     policy_lock: Mutex<()>,
     clock: Arc<dyn Clock>,
     counters: Counters,
-    pub(crate) behavior: crate::behavior::Engine,
+    pub(crate) behavior: Engine,
+    /// Keys the behavioural sketches; kept across policy swaps.
+    seed: u64,
 }
 
 /// Up to this many limits across the three subjects are tracked for rollback without
@@ -183,7 +207,7 @@ impl Warden {
         let generation = fast.generation;
         let cluster = || IpCluster::new(req.ip, fast.v4_prefix, fast.v6_prefix);
 
-        let need_cluster = fast.active[2] || req.api_key.is_none() || self.behavior.wants_cluster();
+        let need_cluster = fast.active[2] || req.api_key.is_none();
         let cluster = if need_cluster { Some(cluster()) } else { None };
         let mut handles: [Option<Handle>; 3] = [None; 3];
 
@@ -252,7 +276,7 @@ impl Warden {
             }
         }
         let subjects: Subjects<'_> = [key_slot.as_deref(), org_slot.as_deref(), cl_slot.as_deref()];
-        let Some(bpol) = subjects.iter().flatten().next().map(|e| &*e.set.behavior) else {
+        let Some(rt) = subjects.iter().flatten().next().map(|e| &*e.set.behavior) else {
             // No kind is tracked: nothing can refuse.
             self.counters.bump(Counter::Allowed);
             return Decision::Allow(Permit {
@@ -264,11 +288,21 @@ impl Warden {
             });
         };
 
-        // Behavioural levels, read before any charge.
-        let levels = self.behavior.levels(&subjects, now, bpol);
-        let level = levels.iter().copied().max().unwrap_or(Level::Normal);
-        let mult = levels.map(|l| self.behavior.multiplier(l, bpol));
-        if let Some((si, l)) = self.behavior.denying(&levels, bpol) {
+        // Behavioural levels, read before any charge: the enforced level acts, the reported
+        // one (shadow detectors included) is what the decision shows.
+        let levels = self.behavior.levels(&subjects, now);
+        let level = levels
+            .iter()
+            .map(|l| l.0.max(l.1))
+            .max()
+            .unwrap_or(Level::Normal);
+        let mult = levels.map(|l| Engine::multiplier(l.0, rt));
+        let hashes = handles.map(|h| match h {
+            Some(Handle::Name(id)) => id.0[0],
+            Some(Handle::Cluster(bits)) => (bits as u64) ^ ((bits >> 64) as u64).rotate_left(32),
+            _ => 0,
+        });
+        if let Some((si, l)) = Engine::denying(&levels) {
             self.counters.bump(Counter::DeniedBehavior);
             let denial = Denial {
                 kind: SubjectKind::ALL[si],
@@ -282,10 +316,11 @@ impl Warden {
                 level,
                 info: RateLimitInfo::default(),
             };
-            self.behavior
-                .observe(&subjects, req, cluster, now, bpol, [0.0; 3], true);
+            let pending = self
+                .behavior
+                .observe(&subjects, hashes, req, now, rt, [1.0; 3], true);
             drop((key_slot, org_slot, cl_slot));
-            self.behavior.dispatch();
+            self.dispatch(pending, req, cluster, now);
             return Decision::Deny(denial);
         }
 
@@ -361,12 +396,13 @@ impl Warden {
                 level,
                 info: crate::decision::info(now, &req_c, &tok_c),
             };
-            if bpol.enabled {
+            if rt.enabled() {
                 let pressure = pressures(&subjects, now);
-                self.behavior
-                    .observe(&subjects, req, cluster, now, bpol, pressure, true);
+                let pending = self
+                    .behavior
+                    .observe(&subjects, hashes, req, now, rt, pressure, true);
                 drop((key_slot, org_slot, cl_slot));
-                self.behavior.dispatch();
+                self.dispatch(pending, req, cluster, now);
             }
             return Decision::Deny(denial);
         }
@@ -413,17 +449,37 @@ impl Warden {
         }
         inner.req = best[0].map(|b| b.2);
         inner.tok = best[1].map(|b| b.2);
-        if bpol.enabled {
+        if rt.enabled() {
+            inner.families = (req.template_fp, req.prompt_simhash);
             let pressure = pressures(&subjects, now);
-            self.behavior
-                .observe(&subjects, req, cluster, now, bpol, pressure, false);
+            let pending = self
+                .behavior
+                .observe(&subjects, hashes, req, now, rt, pressure, false);
             drop((key_slot, org_slot, cl_slot));
-            self.behavior.dispatch();
+            self.dispatch(pending, req, cluster, now);
         }
         Decision::Allow(Permit {
             warden: self,
             inner,
         })
+    }
+
+    /// Hands level changes found during a check to the event queue and the hooks, with no
+    /// lock held.
+    fn dispatch(&self, pending: Pending, req: &Request<'_>, cluster: Option<IpCluster>, now: u64) {
+        if pending.is_empty() {
+            return;
+        }
+        let names = |i: usize| match i {
+            0 => match (req.api_key, cluster) {
+                (Some(k), _) => k.to_string(),
+                (None, Some(c)) => format!("anon:{c}"),
+                (None, None) => String::new(),
+            },
+            1 => req.org.unwrap_or_default().to_string(),
+            _ => cluster.map(|c| c.to_string()).unwrap_or_default(),
+        };
+        self.behavior.dispatch(pending, names, now);
     }
 
     /// Undoes the charges of limits before `(stop_s, stop_l)`, in commit order.
@@ -505,6 +561,7 @@ impl Warden {
     /// ```
     pub fn maintain(&self) -> usize {
         let now = self.now();
+        self.policy.load().behavior_rt.cross.maintain(now);
         self.keys.retain(now) + self.orgs.retain(now) + self.clusters.retain(now)
     }
 
@@ -529,7 +586,8 @@ impl Warden {
     pub fn set_policy(&self, policy: Policy) -> Result<(), ConfigError> {
         let _g = self.policy_lock.lock();
         let generation = self.policy.load().generation + 1;
-        let compiled = compile(&policy, generation & 0xffff_ffff)?;
+        let prev = self.policy.load_full();
+        let compiled = compile(&policy, generation & 0xffff_ffff, self.seed, Some(&prev))?;
         let now = self.now();
         let (max, idle) = (compiled.max_subjects, compiled.idle_ns);
         for (kind, table) in [
@@ -552,13 +610,20 @@ impl Warden {
             idle,
             Entry::new(compiled.defaults[2].clone(), generation, now, None),
         );
-        self.behavior.reconfigure(&compiled.behavior);
         let fast = FastPolicy::of(&compiled).encode();
         // Publish the policy before the generation: a check that sees the new generation
         // finds the new policy on its slow paths.
         self.policy.store(Arc::new(compiled));
         self.fast.store(fast, Ordering::Release);
         Ok(())
+    }
+
+    pub(crate) fn namer(&self) -> &Namer {
+        &self.namer
+    }
+
+    pub(crate) fn behavior_rt(&self) -> Arc<crate::behavior::BehaviorRt> {
+        self.policy.load().behavior_rt.clone()
     }
 
     /// The policy in force.

@@ -32,7 +32,7 @@ pub(crate) struct LimitSet {
     pub(crate) holds_slots: bool,
     /// The behavioural settings of the policy this set belongs to, reachable from any entry
     /// without touching the shared policy pointer.
-    pub(crate) behavior: Arc<crate::behavior::BehaviorPolicy>,
+    pub(crate) behavior: Arc<crate::behavior::BehaviorRt>,
 }
 
 impl LimitSet {
@@ -66,6 +66,7 @@ pub(crate) struct Compiled {
     pub(crate) max_subjects: usize,
     pub(crate) idle_ns: u64,
     pub(crate) behavior: crate::behavior::BehaviorPolicy,
+    pub(crate) behavior_rt: Arc<crate::behavior::BehaviorRt>,
     pub(crate) source: Policy,
 }
 
@@ -161,7 +162,7 @@ fn compile_set(
     limits: &BTreeMap<String, LimitConfig>,
     path: &str,
     exempt: bool,
-    behavior: &Arc<crate::behavior::BehaviorPolicy>,
+    behavior: &Arc<crate::behavior::BehaviorRt>,
 ) -> Result<LimitSet, ConfigError> {
     let mut out = Vec::with_capacity(limits.len());
     for (name, cfg) in limits {
@@ -219,7 +220,14 @@ pub(crate) fn intern(s: &str) -> &'static str {
 }
 
 /// Validates `p` and builds its runtime form.
-pub(crate) fn compile(p: &Policy, generation: u64) -> Result<Compiled, ConfigError> {
+/// `seed` keys the behavioural sketches; `prev` is the policy being replaced, whose cross
+/// index carries over when its settings did not change.
+pub(crate) fn compile(
+    p: &Policy,
+    generation: u64,
+    seed: u64,
+    prev: Option<&Compiled>,
+) -> Result<Compiled, ConfigError> {
     let prefix_err = |path: &str, max: u8| ConfigError::Invalid {
         path: path.to_string(),
         reason: format!("prefix length must be between 1 and {max}"),
@@ -230,8 +238,11 @@ pub(crate) fn compile(p: &Policy, generation: u64) -> Result<Compiled, ConfigErr
     if p.cluster.v6_prefix == 0 || p.cluster.v6_prefix > 128 {
         return Err(prefix_err("cluster.v6_prefix", 128));
     }
-    p.behavior.validate("behavior")?;
-    let bp = Arc::new(p.behavior.clone());
+    let bp = Arc::new(crate::behavior::BehaviorRt::new(
+        &p.behavior,
+        seed,
+        prev.map(|c| &*c.behavior_rt),
+    )?);
     let defaults = [
         Arc::new(compile_set(
             SubjectKind::ApiKey,
@@ -336,6 +347,7 @@ pub(crate) fn compile(p: &Policy, generation: u64) -> Result<Compiled, ConfigErr
         max_subjects: p.table.max_subjects,
         idle_ns,
         behavior: p.behavior.clone(),
+        behavior_rt: bp,
         source: p.clone(),
     })
 }

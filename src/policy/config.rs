@@ -370,6 +370,6 @@ impl Policy {
     ///
     /// The first invalid field, as a [`ConfigError`](crate::ConfigError) naming its path.
     pub fn validate(&self) -> Result<(), crate::ConfigError> {
-        super::compile::compile(self, 0).map(|_| ())
+        super::compile::compile(self, 0, 0, None).map(|_| ())
     }
 }

@@ -1,0 +1,395 @@
+//! The cross-subject index: what links keys and orgs that look unrelated.
+//!
+//! Distillation spread over many keys, orgs and IP clusters stays under every per-subject
+//! limit, but it has to send the same *kind* of prompt everywhere: one template family (or
+//! near SimHashes). This index keeps, per prompt family, the distinct orgs that used it in the
+//! last one to two windows, and the decayed request and output volume. A family is a template
+//! fingerprint, or, for requests without one, each of the four 16-bit bands of the SimHash
+//! (locality-sensitive hashing: near prompts share at least one band). A subject's detectors
+//! ask it about the subject's dominant template, or the bands of its latest SimHash
+//! (`template_spread`).
+//!
+//! Bounded memory: a fixed array of `capacity` slots (about 80 bytes each), 8-way
+//! set-associative, split into up to 64 shards behind short `parking_lot` mutexes. A new
+//! family takes an empty or stale slot of its bucket, else the slot with the least decayed
+//! volume, so one-off families churn among themselves while heavy families stay. Buckets are
+//! chosen with the per-process secret seed, so clients cannot aim families at one bucket.
+
+use parking_lot::Mutex;
+
+use super::signals::{decay, mix, Windowed, FOLD_NS};
+use super::{BehaviorParams, Families, Observation};
+
+/// Slots per bucket.
+const WAYS: usize = 8;
+const MAX_SHARDS: usize = 64;
+const SALT_ORG: u64 = 0xBE54_66CF_34E9_0C6C;
+const SALT_BUCKET: u64 = 0x3F84_D5B5_B547_0917;
+const A_OUT: f32 = 1.0 / 8.0;
+
+/// What the index knows about one prompt family.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct FamilyStats {
+    /// Distinct orgs in the last one to two windows.
+    pub(crate) orgs: f32,
+    /// Requests per minute (decayed), all subjects together.
+    pub(crate) req_per_min: f32,
+    /// Output tokens per minute (decayed), all subjects together.
+    pub(crate) out_per_min: f32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Slot {
+    family: u64,
+    last_ns: u64,
+    fold_ns: u64,
+    win_ns: u64,
+    reqs: f32,
+    out: f32,
+    ewma_out: f32,
+    used: bool,
+    settled: bool,
+    orgs: Windowed<2>,
+}
+
+impl Slot {
+    const EMPTY: Self = Self {
+        family: 0,
+        last_ns: 0,
+        fold_ns: 0,
+        win_ns: 0,
+        reqs: 0.0,
+        out: 0.0,
+        ewma_out: 0.0,
+        used: false,
+        settled: false,
+        orgs: Windowed::ZERO,
+    };
+
+    fn fresh(family: u64, now_ns: u64) -> Self {
+        Self {
+            family,
+            last_ns: now_ns,
+            fold_ns: now_ns,
+            win_ns: now_ns,
+            used: true,
+            ..Self::EMPTY
+        }
+    }
+
+    fn advance(&mut self, now_ns: u64, inv_half_life_ns: f64, window_ns: u64) {
+        // A clock that went backwards re-anchors (no time passed).
+        self.fold_ns = self.fold_ns.min(now_ns);
+        self.win_ns = self.win_ns.min(now_ns);
+        if now_ns >= self.fold_ns.saturating_add(FOLD_NS) {
+            let f = decay(now_ns - self.fold_ns, inv_half_life_ns);
+            self.reqs *= f;
+            self.out *= f;
+            self.fold_ns = now_ns;
+        }
+        let elapsed = now_ns.saturating_sub(self.win_ns);
+        if elapsed >= window_ns {
+            let n = elapsed / window_ns;
+            self.orgs.rotate(n);
+            self.win_ns = self.win_ns.saturating_add(n.saturating_mul(window_ns));
+        }
+    }
+
+    /// Decayed request count as of `now_ns`, to within a factor of two (whole half-lives
+    /// only, no `exp2`); 0 when empty or stale. For choosing a victim.
+    fn weight(&self, now_ns: u64, inv_half_life_ns: f64, stale_ns: u64) -> f32 {
+        let idle = now_ns.saturating_sub(self.last_ns);
+        if !self.used || idle >= stale_ns {
+            return 0.0;
+        }
+        let halvings = (now_ns.saturating_sub(self.fold_ns) as f64 * inv_half_life_ns) as u32;
+        // 2^-halvings, built from the exponent bits.
+        let factor = f32::from_bits((127 - halvings.min(126)) << 23);
+        self.reqs * factor
+    }
+}
+
+/// Global, bounded index of prompt families across all subjects.
+///
+/// **Concurrency:** every method takes one shard mutex for a few dozen nanoseconds; nothing
+/// else is locked and nothing allocates after construction.
+pub(crate) struct CrossIndex {
+    shards: Box<[Mutex<Box<[Slot]>>]>,
+    shard_mask: u64,
+    bucket_mask: u64,
+    enabled: bool,
+    inv_half_life_ns: f64,
+    per_min: f32,
+    window_ns: u64,
+    stale_ns: u64,
+    seed: u64,
+}
+
+impl std::fmt::Debug for CrossIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrossIndex")
+            .field("enabled", &self.enabled)
+            .field("capacity", &self.capacity())
+            .field("shards", &self.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CrossIndex {
+    /// An empty index sized by `cross.capacity` (rounded up to a power of two, at least 64).
+    /// Allocates all its memory here.
+    pub(crate) fn new(p: &BehaviorParams) -> Self {
+        let cfg = &p.policy().cross;
+        let capacity = cfg.capacity.clamp(64, 1 << 24).next_power_of_two();
+        let buckets = capacity / WAYS;
+        let shards = (buckets / 4).clamp(1, MAX_SHARDS);
+        let per_shard = buckets / shards;
+        let shard_vec: Vec<Mutex<Box<[Slot]>>> = (0..shards)
+            .map(|_| Mutex::new(vec![Slot::EMPTY; per_shard * WAYS].into_boxed_slice()))
+            .collect();
+        Self {
+            shards: shard_vec.into_boxed_slice(),
+            shard_mask: shards as u64 - 1,
+            bucket_mask: per_shard as u64 - 1,
+            enabled: cfg.enabled && p.policy().enabled,
+            inv_half_life_ns: p.inv_half_life_ns,
+            per_min: p.per_min,
+            window_ns: p.window_ns,
+            stale_ns: cfg.stale_after_s.saturating_mul(1_000_000_000),
+            seed: p.seed,
+        }
+    }
+
+    /// Number of slots.
+    pub(crate) fn capacity(&self) -> usize {
+        self.shards.len() * (self.bucket_mask as usize + 1) * WAYS
+    }
+
+    /// Bytes held by the slots.
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.capacity() * std::mem::size_of::<Slot>()
+            + self.shards.len() * std::mem::size_of::<Mutex<Box<[Slot]>>>()
+    }
+
+    /// Families currently held (takes every shard lock in turn; for diagnostics).
+    pub(crate) fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().iter().filter(|x| x.used).count())
+            .sum()
+    }
+
+    /// Shard and first slot of the family's bucket, from a seeded full-avalanche mix.
+    #[inline]
+    fn locate(&self, family: u64) -> (usize, usize) {
+        let h = mix(family, self.seed ^ SALT_BUCKET);
+        let shard = ((h >> 40) & self.shard_mask) as usize;
+        let bucket = (h & self.bucket_mask) as usize;
+        (shard, bucket * WAYS)
+    }
+
+    /// Records one request under each of its families (one with a template, four SimHash
+    /// bands without). Called once per check (not per subject). Requests without a template
+    /// fingerprint or SimHash are ignored.
+    pub(crate) fn observe(&self, obs: &Observation) {
+        if !self.enabled {
+            return;
+        }
+        for &family in obs.families().ids() {
+            self.observe_family(family, obs);
+        }
+    }
+
+    fn observe_family(&self, family: u64, obs: &Observation) {
+        let now = obs.now_ns;
+        let (shard, start) = self.locate(family);
+        let mut guard = self.shards[shard].lock();
+        let bucket = &mut guard[start..start + WAYS];
+        let i = match bucket.iter().position(|s| s.used && s.family == family) {
+            Some(i) => i,
+            None => {
+                let mut victim = 0;
+                let mut least = f32::INFINITY;
+                for (j, s) in bucket.iter().enumerate() {
+                    let w = s.weight(now, self.inv_half_life_ns, self.stale_ns);
+                    if w < least {
+                        least = w;
+                        victim = j;
+                        if w == 0.0 {
+                            break;
+                        }
+                    }
+                }
+                bucket[victim] = Slot::fresh(family, now);
+                victim
+            }
+        };
+        let slot = &mut bucket[i];
+        slot.advance(now, self.inv_half_life_ns, self.window_ns);
+        if !slot.settled && obs.expected_output_tokens > 0 {
+            slot.ewma_out = obs.expected_output_tokens as f32;
+        }
+        slot.reqs += 1.0;
+        slot.out += slot.ewma_out;
+        slot.orgs.insert(mix(obs.org_hash, self.seed ^ SALT_ORG));
+        slot.last_ns = now;
+    }
+
+    /// Records the actual output of a finished response under its families (see
+    /// [`Observation::families`]). Unknown families are ignored.
+    pub(crate) fn settle(&self, families: &Families, output_tokens: u64) {
+        if !self.enabled {
+            return;
+        }
+        let x = output_tokens as f32;
+        for &family in families.ids() {
+            let (shard, start) = self.locate(family);
+            let mut guard = self.shards[shard].lock();
+            let found = guard[start..start + WAYS]
+                .iter_mut()
+                .find(|s| s.used && s.family == family);
+            if let Some(slot) = found {
+                if slot.settled {
+                    slot.ewma_out += (x - slot.ewma_out) * A_OUT;
+                } else {
+                    slot.ewma_out = x;
+                    slot.settled = true;
+                }
+            }
+        }
+    }
+
+    /// What the index knows about `family` as of `now_ns`.
+    pub(crate) fn stats(&self, family: u64, now_ns: u64) -> Option<FamilyStats> {
+        if !self.enabled {
+            return None;
+        }
+        let (shard, start) = self.locate(family);
+        let mut guard = self.shards[shard].lock();
+        let slot = guard[start..start + WAYS]
+            .iter_mut()
+            .find(|s| s.used && s.family == family)?;
+        slot.advance(now_ns, self.inv_half_life_ns, self.window_ns);
+        let f = decay(now_ns.saturating_sub(slot.fold_ns), self.inv_half_life_ns) * self.per_min;
+        Some(FamilyStats {
+            orgs: slot.orgs.distinct(),
+            req_per_min: slot.reqs * f,
+            out_per_min: slot.out * f,
+        })
+    }
+
+    /// Frees slots idle for `cross.stale_after_s`. Skips shards that are busy; for a host's
+    /// housekeeping thread. Returns the number of slots freed.
+    pub(crate) fn maintain(&self, now_ns: u64) -> usize {
+        let mut freed = 0;
+        for shard in self.shards.iter() {
+            let Some(mut guard) = shard.try_lock() else {
+                continue;
+            };
+            for s in guard.iter_mut() {
+                if s.used && now_ns.saturating_sub(s.last_ns) >= self.stale_ns {
+                    *s = Slot::EMPTY;
+                    freed += 1;
+                }
+            }
+        }
+        freed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::behavior::{BehaviorPolicy, CrossPolicy};
+
+    const S: u64 = 1_000_000_000;
+
+    fn index(capacity: usize) -> (CrossIndex, BehaviorParams) {
+        let mut policy = BehaviorPolicy::default();
+        policy.cross.capacity = capacity;
+        let p = BehaviorParams::new(&policy, "behavior")
+            .unwrap()
+            .with_seed(9);
+        (CrossIndex::new(&p), p)
+    }
+
+    fn obs(now_ns: u64, template: u64, org: u64) -> Observation {
+        Observation {
+            now_ns,
+            template_fp: Some(template),
+            org_hash: org,
+            expected_output_tokens: 1000,
+            ..Observation::default()
+        }
+    }
+
+    #[test]
+    fn counts_orgs_and_volume_per_family() {
+        let (x, _) = index(4096);
+        // 40 orgs, one request each per second for 15 minutes, 1000 tokens each.
+        for t in 0..900_u64 {
+            for org in 0..40_u64 {
+                x.observe(&obs(t * S, 77, org));
+                x.settle(&Families::of(Some(77), None), 1000);
+            }
+            x.observe(&obs(t * S, 88, 1));
+        }
+        let s = x.stats(77, 900 * S).unwrap();
+        assert!((s.orgs - 40.0).abs() < 8.0, "{s:?}");
+        // Steady state after 7.5 half-lives: within 1% plus fold error.
+        assert!((s.req_per_min - 2400.0).abs() < 60.0, "{s:?}");
+        assert!((s.out_per_min - 2_400_000.0).abs() < 60_000.0, "{s:?}");
+        let s = x.stats(88, 900 * S).unwrap();
+        assert!(s.orgs < 1.5);
+        assert!(x.stats(99, 300 * S).is_none());
+        assert_eq!(x.len(), 2);
+    }
+
+    #[test]
+    fn bounded_with_heavy_families_surviving_a_flood() {
+        let (x, _) = index(64);
+        assert_eq!(x.capacity(), 64);
+        for t in 0..200_u64 {
+            x.observe(&obs(t * S / 10, 1, 1));
+        }
+        // A flood of one-off families.
+        for i in 0..100_000_u64 {
+            x.observe(&obs(20 * S + i, 1_000_000 + i, i));
+        }
+        assert!(x.len() <= 64);
+        assert!(x.stats(1, 21 * S).is_some(), "heavy family was evicted");
+        assert!(x.memory_bytes() < 64 * 128);
+    }
+
+    #[test]
+    fn slot_size_and_default_memory() {
+        assert_eq!(std::mem::size_of::<Slot>(), 80);
+        let (x, _) = index(CrossPolicy::default().capacity);
+        assert_eq!(x.capacity(), 4096);
+        assert!(x.memory_bytes() < 330 * 1024, "{}", x.memory_bytes());
+    }
+
+    #[test]
+    fn stale_slots_are_freed() {
+        let (x, _) = index(64);
+        x.observe(&obs(0, 5, 1));
+        assert_eq!(x.maintain(10 * S), 0);
+        assert_eq!(x.maintain(3600 * S), 1);
+        assert_eq!(x.len(), 0);
+    }
+
+    #[test]
+    fn simhash_bands_are_the_families_without_template() {
+        let (x, _) = index(64);
+        let o = Observation {
+            prompt_simhash: Some(0xABCD_0000_0000_1234),
+            ..Observation::default()
+        };
+        x.observe(&o);
+        for &id in o.families().ids() {
+            assert!(x.stats(id, 0).is_some());
+        }
+        x.observe(&Observation::default());
+        assert_eq!(x.len(), 4);
+    }
+}

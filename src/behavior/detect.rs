@@ -1,0 +1,721 @@
+//! Detectors: each turns signals into a named finding with a strength in `[0, 2]`.
+//!
+//! Extraction is *information obtained* × *coverage of the model* × *coordination*. The
+//! detectors are grouped by which of these they measure, and a level above `watch` needs
+//! firing detectors (strength ≥ `fire_strength`) from at least `min_evidence_classes`
+//! different classes, one of which measures *volume* (`require_volume`: `output_volume`,
+//! `logprob_harvest`, `template_spread`, `propagation`), so that no single behaviour, however
+//! extreme, is enough to throttle, and nothing throttles where nothing is being extracted:
+//!
+//! | class | detectors | what it measures |
+//! |---|---|---|
+//! | extraction | `output_volume`, `logprob_harvest` | new information the subject obtains |
+//! | coverage | `template_sweep`, `prompt_diversity` | prompts that systematically cover a space |
+//! | population | `template_spread`, `key_fanout`, `key_churn`, `propagation` | many accounts acting as one |
+//! | network | `ip_spread` | one key from many places |
+//! | corroborating | `regular_timing`, `pinned` | adds to the score, is not a class |
+//!
+//! Which subject kinds each detector applies to: `prompt_diversity`, `ip_spread` and
+//! `regular_timing` to keys only (aggregates of many people are naturally diverse and
+//! irregular); `key_fanout`, `key_churn` and `propagation` to orgs and IP clusters only; the
+//! rest to all kinds, with `output_volume` counting only family-concentrated output for orgs
+//! and clusters.
+
+use std::borrow::Cow;
+
+use super::cross::FamilyStats;
+use super::signals::SignalView;
+#[cfg(test)]
+use super::Families;
+use super::{BehaviorParams, Level};
+use crate::hooks::Reason;
+use crate::subject::SubjectKind;
+
+/// Number of detectors.
+pub(crate) const DETECTORS: usize = 11;
+
+/// The detectors, in report order. The names are stable: they appear in events and configs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub(crate) enum DetectorId {
+    OutputVolume,
+    LogprobHarvest,
+    TemplateSweep,
+    PromptDiversity,
+    IpSpread,
+    TemplateSpread,
+    KeyFanout,
+    KeyChurn,
+    RegularTiming,
+    Pinned,
+    Propagation,
+}
+
+/// Evidence classes; see the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Class {
+    Extraction,
+    Coverage,
+    Population,
+    Network,
+    Corroborating,
+}
+
+impl Class {
+    const fn bit(self) -> u8 {
+        match self {
+            Class::Extraction => 1,
+            Class::Coverage => 2,
+            Class::Population => 4,
+            Class::Network => 8,
+            Class::Corroborating => 0,
+        }
+    }
+}
+
+impl DetectorId {
+    pub(crate) const ALL: [DetectorId; DETECTORS] = [
+        DetectorId::OutputVolume,
+        DetectorId::LogprobHarvest,
+        DetectorId::TemplateSweep,
+        DetectorId::PromptDiversity,
+        DetectorId::IpSpread,
+        DetectorId::TemplateSpread,
+        DetectorId::KeyFanout,
+        DetectorId::KeyChurn,
+        DetectorId::RegularTiming,
+        DetectorId::Pinned,
+        DetectorId::Propagation,
+    ];
+
+    /// Stable snake_case name, as in the policy and in events.
+    pub(crate) const fn name(self) -> &'static str {
+        match self {
+            DetectorId::OutputVolume => "output_volume",
+            DetectorId::LogprobHarvest => "logprob_harvest",
+            DetectorId::TemplateSweep => "template_sweep",
+            DetectorId::PromptDiversity => "prompt_diversity",
+            DetectorId::IpSpread => "ip_spread",
+            DetectorId::TemplateSpread => "template_spread",
+            DetectorId::KeyFanout => "key_fanout",
+            DetectorId::KeyChurn => "key_churn",
+            DetectorId::RegularTiming => "regular_timing",
+            DetectorId::Pinned => "pinned",
+            DetectorId::Propagation => "propagation",
+        }
+    }
+
+    pub(crate) const fn class(self) -> Class {
+        match self {
+            DetectorId::OutputVolume | DetectorId::LogprobHarvest => Class::Extraction,
+            DetectorId::TemplateSweep | DetectorId::PromptDiversity => Class::Coverage,
+            DetectorId::TemplateSpread
+            | DetectorId::KeyFanout
+            | DetectorId::KeyChurn
+            | DetectorId::Propagation => Class::Population,
+            DetectorId::IpSpread => Class::Network,
+            DetectorId::RegularTiming | DetectorId::Pinned => Class::Corroborating,
+        }
+    }
+
+    pub(crate) const fn idx(self) -> usize {
+        self as usize
+    }
+
+    /// Whether the detector measures the volume of extracted information.
+    pub(crate) const fn measures_volume(self) -> bool {
+        matches!(
+            self,
+            DetectorId::OutputVolume
+                | DetectorId::LogprobHarvest
+                | DetectorId::TemplateSpread
+                | DetectorId::Propagation
+        )
+    }
+}
+
+/// One detector's output: strength in `[0, 2]`, and the measured value and the threshold it
+/// is compared with (for reports).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Finding {
+    pub(crate) strength: f32,
+    pub(crate) value: f32,
+    pub(crate) threshold: f32,
+}
+
+/// All findings of one evaluation, plus the propagation floors. Lives on the stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Assessment {
+    /// Findings with every enabled detector (the reported view).
+    pub(crate) findings: [Finding; DETECTORS],
+    /// The `propagation` finding counting enforced escalations only.
+    pub(crate) propagation_enforced: Finding,
+    /// Lowest level from propagation, reported view.
+    pub(crate) floor_reported: Level,
+    /// Lowest level from propagation, enforced view.
+    pub(crate) floor_enforced: Level,
+}
+
+/// Score and evidence of one view.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Tally {
+    pub(crate) score: f32,
+    /// Distinct evidence classes with a firing detector.
+    pub(crate) classes: u32,
+    /// Whether a volume-measuring detector fired.
+    pub(crate) volume: bool,
+}
+
+impl Tally {
+    /// Whether the evidence allows levels above `watch`.
+    pub(crate) fn gate(&self, p: &BehaviorParams) -> bool {
+        self.classes >= p.min_classes && (self.volume || !p.policy().levels.require_volume)
+    }
+}
+
+impl Assessment {
+    fn set(&mut self, id: DetectorId, strength: f32, value: f32, threshold: f32) {
+        let strength = if strength.is_finite() {
+            strength.clamp(0.0, 2.0)
+        } else {
+            0.0
+        };
+        self.findings[id.idx()] = Finding {
+            strength,
+            value,
+            threshold,
+        };
+    }
+
+    /// The finding as the given view sees it; `None` if the detector is disabled or (for the
+    /// enforced view) in shadow mode.
+    fn finding(&self, id: DetectorId, p: &BehaviorParams, reported: bool) -> Option<Finding> {
+        let d = &p.detectors[id.idx()];
+        if !d.enabled || (!reported && (d.shadow || p.policy().shadow)) {
+            return None;
+        }
+        Some(if id == DetectorId::Propagation && !reported {
+            self.propagation_enforced
+        } else {
+            self.findings[id.idx()]
+        })
+    }
+
+    /// Weighted score and number of distinct evidence classes that fired.
+    pub(crate) fn tally(&self, p: &BehaviorParams, reported: bool) -> Tally {
+        let mut score = 0.0;
+        let mut classes = 0_u8;
+        let mut volume = false;
+        for id in DetectorId::ALL {
+            let Some(f) = self.finding(id, p, reported) else {
+                continue;
+            };
+            score += p.detectors[id.idx()].weight * f.strength;
+            if f.strength >= p.fire_strength {
+                classes |= id.class().bit();
+                volume |= id.measures_volume();
+            }
+        }
+        Tally {
+            score,
+            classes: classes.count_ones(),
+            volume,
+        }
+    }
+
+    /// Reasons of the view, strongest contribution first; detectors with zero strength are
+    /// left out. Allocates; only for transitions and explanations.
+    pub(crate) fn reasons(&self, p: &BehaviorParams, reported: bool) -> Vec<Reason> {
+        let mut out: Vec<Reason> = DetectorId::ALL
+            .iter()
+            .filter_map(|&id| {
+                let f = self.finding(id, p, reported)?;
+                (f.strength > 0.0).then(|| Reason {
+                    detector: Cow::Borrowed(id.name()),
+                    value: f64::from(f.value),
+                    threshold: f64::from(f.threshold),
+                    contribution: f64::from(p.detectors[id.idx()].weight * f.strength),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| b.contribution.total_cmp(&a.contribution));
+        out
+    }
+}
+
+/// 0 at or below `lo`, 1 at or above `hi`, linear between; NaN gives 0.
+#[inline]
+pub(crate) fn ramp(x: f32, lo: f64, hi: f64) -> f32 {
+    let (lo, hi) = (lo as f32, hi as f32);
+    if x.is_nan() || x <= lo {
+        0.0
+    } else if x >= hi {
+        1.0
+    } else {
+        (x - lo) / (hi - lo)
+    }
+}
+
+/// Like [`ramp`], then on to 2 at `extreme` (if `extreme > hi`).
+#[inline]
+fn ramp2(x: f32, lo: f64, hi: f64, extreme: f64) -> f32 {
+    let second = if extreme > hi {
+        ramp(x, hi, extreme)
+    } else {
+        0.0
+    };
+    ramp(x, lo, hi) + second
+}
+
+/// Breadth of prompts as `(strength, value, threshold)`: distinct templates in the window when
+/// most requests carry one, else distinct SimHash clusters among the last eight prompts.
+fn breadth(v: &SignalView, min_t: f64, full_t: f64, min_r: f64, full_r: f64) -> (f32, f32, f32) {
+    if v.template_share >= 0.5 {
+        return (ramp(v.templates, min_t, full_t), v.templates, full_t as f32);
+    }
+    let r = v.recent_families.unwrap_or(0.0);
+    (ramp(r, min_r, full_r), r, full_r as f32)
+}
+
+/// Runs every detector for one subject; `families` are the cross-index statistics of the
+/// subject's probe families (`SignalView::probe`) that the index holds.
+pub(crate) fn assess(
+    kind: SubjectKind,
+    v: &SignalView,
+    families: &[FamilyStats],
+    p: &BehaviorParams,
+) -> Assessment {
+    let d = &p.policy().detectors;
+    let key = kind == SubjectKind::ApiKey;
+    let enough = v.window_requests >= p.policy().min_requests;
+    let mut a = Assessment::default();
+
+    // Extraction: new output, large relative to the input.
+    {
+        let o = &d.output_volume;
+        let ratio = ramp(v.out_in_ratio, o.min_output_ratio, o.full_output_ratio);
+        let novelty = v
+            .distinct_ratio
+            .map_or(1.0, |r| ramp(r, o.min_distinct, o.full_distinct));
+        let s = if key {
+            ramp2(
+                v.out_per_min,
+                o.min_tokens_per_min,
+                o.full_tokens_per_min,
+                o.extreme_tokens_per_min,
+            )
+        } else {
+            let concentrated = v.out_per_min * v.concentration;
+            ramp2(
+                concentrated,
+                o.group_min_tokens_per_min,
+                o.group_full_tokens_per_min,
+                o.group_extreme_tokens_per_min,
+            ) * ramp(
+                concentrated / v.peers.max(1.0),
+                o.group_min_tokens_per_key,
+                o.group_full_tokens_per_key,
+            )
+        } * ratio
+            * novelty;
+        let (volume, hi) = if key {
+            (v.out_per_min, o.full_tokens_per_min)
+        } else {
+            (v.out_per_min * v.concentration, o.group_full_tokens_per_min)
+        };
+        a.set(DetectorId::OutputVolume, s, volume, hi as f32);
+    }
+
+    // Extraction: logprobs on nearly everything, at a rate, over many prompt families.
+    {
+        let l = &d.logprob_harvest;
+        let (wide, _, _) = breadth(
+            v,
+            l.min_templates,
+            l.full_templates,
+            l.min_recent_families,
+            l.full_recent_families,
+        );
+        let s = ramp(v.logprob_share, l.min_share, l.full_share)
+            * ramp2(
+                v.logprob_per_min,
+                l.min_per_min,
+                l.full_per_min,
+                l.extreme_per_min,
+            )
+            * wide;
+        a.set(
+            DetectorId::LogprobHarvest,
+            s,
+            v.logprob_per_min,
+            l.full_per_min as f32,
+        );
+    }
+
+    // Coverage: one family, ever new prompts.
+    if enough {
+        if let Some(distinct) = v.distinct_ratio {
+            let t = &d.template_sweep;
+            let s = ramp(v.concentration, t.min_share, t.full_share)
+                * ramp(distinct, t.min_distinct, t.full_distinct);
+            a.set(
+                DetectorId::TemplateSweep,
+                s,
+                v.concentration,
+                t.full_share as f32,
+            );
+        }
+    }
+
+    // Coverage: many unrelated families (keys only).
+    if key && enough {
+        let q = &d.prompt_diversity;
+        let (wide, value, threshold) = breadth(
+            v,
+            q.min_templates,
+            q.full_templates,
+            q.min_recent_families,
+            q.full_recent_families,
+        );
+        let novelty = v
+            .distinct_ratio
+            .map_or(1.0, |r| ramp(r, q.min_distinct, q.full_distinct));
+        a.set(
+            DetectorId::PromptDiversity,
+            wide * novelty,
+            value,
+            threshold,
+        );
+    }
+
+    // Network: one key, many IP clusters.
+    if key {
+        let i = &d.ip_spread;
+        a.set(
+            DetectorId::IpSpread,
+            ramp(v.peers, i.min_clusters, i.full_clusters),
+            v.peers,
+            i.full_clusters as f32,
+        );
+    }
+
+    // Population: the subject's family is harvested by many orgs, each drawing a lot. With
+    // several candidate families (SimHash bands), the strongest counts.
+    let t = &d.template_spread;
+    if v.family_share >= t.min_subject_share as f32 && v.window_requests >= t.min_subject_requests {
+        for f in families {
+            let per_org = f.out_per_min / f.orgs.max(1.0);
+            let s = ramp(f.orgs, t.min_orgs, t.full_orgs)
+                * ramp(f.out_per_min, t.min_tokens_per_min, t.full_tokens_per_min)
+                * ramp(per_org, t.min_tokens_per_org, t.full_tokens_per_org);
+            if s >= a.findings[DetectorId::TemplateSpread.idx()].strength {
+                a.set(DetectorId::TemplateSpread, s, f.orgs, t.full_orgs as f32);
+            }
+        }
+    }
+
+    // Population: many keys, fresh keys (orgs and clusters).
+    if !key {
+        let k = &d.key_fanout;
+        let (lo, hi) = if kind == SubjectKind::Org {
+            (k.org_min_keys, k.org_full_keys)
+        } else {
+            (k.cluster_min_keys, k.cluster_full_keys)
+        };
+        a.set(
+            DetectorId::KeyFanout,
+            ramp(v.peers, lo, hi),
+            v.peers,
+            hi as f32,
+        );
+        let c = &d.key_churn;
+        a.set(
+            DetectorId::KeyChurn,
+            ramp(v.fresh_peers, c.min_new_keys, c.full_new_keys),
+            v.fresh_peers,
+            c.full_new_keys as f32,
+        );
+    }
+
+    // Corroborating: machine-regular timing (keys).
+    if key && enough {
+        if let Some(cv) = v.cv {
+            let r = &d.regular_timing;
+            a.set(
+                DetectorId::RegularTiming,
+                1.0 - ramp(cv, r.full_cv, r.max_cv),
+                cv,
+                r.full_cv as f32,
+            );
+        }
+    }
+
+    // Corroborating: pinned at a limit.
+    if enough {
+        let q = &d.pinned;
+        a.set(
+            DetectorId::Pinned,
+            ramp(v.pinned_share, q.min_share, q.full_share),
+            v.pinned_share,
+            q.full_share as f32,
+        );
+    }
+
+    // Population: escalated keys raise their org or cluster.
+    if !key {
+        let prop = &p.policy().propagation;
+        let rule = if kind == SubjectKind::Org {
+            &prop.org
+        } else {
+            &prop.ip_cluster
+        };
+        // The group's own evidence, before propagation is added.
+        let own_reported = a.tally(p, true).score;
+        let own_enforced = a.tally(p, false).score;
+        let watch = p.up[Level::Watch.idx()];
+        let floor = |kids: f32, own: f32| -> Level {
+            // Escalated keys must be a real share of the group's active keys, and the group
+            // must look suspicious itself: a residential /24 that escalated keys only pass
+            // through is not raised.
+            if kids < 0.5 || kids < prop.min_share as f32 * v.peers.max(kids) || own < watch {
+                return Level::Normal;
+            }
+            let mut level = Level::Normal;
+            for (at, l) in [
+                (rule.throttle_at, Level::Throttle),
+                (rule.challenge_at, Level::Challenge),
+                (rule.block_at, Level::Block),
+            ] {
+                if at > 0 && kids + 0.5 >= at as f32 {
+                    level = l;
+                }
+            }
+            level
+        };
+        // Full strength once a floor applies, nothing before: escalated keys below the count
+        // or share are no evidence about the group.
+        let finding = |kids: f32, floor: Level| Finding {
+            strength: if floor > Level::Normal { 1.0 } else { 0.0 },
+            value: kids,
+            threshold: rule.throttle_at as f32,
+        };
+        let (rep, enf) = (v.kids_reported, v.kids_enforced);
+        let (floor_rep, floor_enf) = (floor(rep, own_reported), floor(enf, own_enforced));
+        a.findings[DetectorId::Propagation.idx()] = finding(rep, floor_rep);
+        a.propagation_enforced = finding(enf, floor_enf);
+        let pd = &p.detectors[DetectorId::Propagation.idx()];
+        if pd.enabled {
+            a.floor_reported = floor_rep;
+            if !pd.shadow && !p.policy().shadow {
+                a.floor_enforced = floor_enf;
+            }
+        }
+    }
+
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::behavior::BehaviorPolicy;
+
+    fn params(policy: &BehaviorPolicy) -> BehaviorParams {
+        BehaviorParams::new(policy, "behavior")
+            .unwrap()
+            .with_seed(3)
+    }
+
+    /// Signals of a key that sweeps one template with long outputs at 60 rpm.
+    fn sweeping_key() -> SignalView {
+        SignalView {
+            req_per_min: 60.0,
+            out_per_min: 60_000.0,
+            logprob_per_min: 0.0,
+            logprob_share: 0.0,
+            pinned_share: 0.0,
+            out_in_ratio: 8.0,
+            window_requests: 400,
+            distinct_ratio: Some(1.0),
+            distinct_prompts: 400.0,
+            templates: 1.0,
+            template_share: 1.0,
+            probe: Families::of(Some(5), None),
+            family_share: 1.0,
+            concentration: 1.0,
+            recent_families: Some(1.0),
+            peers: 1.0,
+            fresh_peers: 0.0,
+            cv: Some(0.9),
+            kids_enforced: 0.0,
+            kids_reported: 0.0,
+        }
+    }
+
+    #[test]
+    fn names_are_unique_and_snake_case() {
+        let mut names: Vec<_> = DetectorId::ALL.iter().map(|d| d.name()).collect();
+        assert!(names
+            .iter()
+            .all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_')));
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), DETECTORS);
+        for (i, id) in DetectorId::ALL.iter().enumerate() {
+            assert_eq!(id.idx(), i);
+        }
+    }
+
+    #[test]
+    fn ramps() {
+        assert_eq!(ramp(f32::NAN, 0.0, 1.0), 0.0);
+        assert_eq!(ramp(0.5, 0.0, 1.0), 0.5);
+        assert_eq!(ramp(5.0, 0.0, 1.0), 1.0);
+        assert_eq!(ramp2(2.5, 0.0, 1.0, 4.0), 1.5);
+        assert_eq!(ramp2(9.0, 0.0, 1.0, 0.0), 1.0);
+    }
+
+    #[test]
+    fn volume_and_sweep_make_two_classes() {
+        let p = params(&BehaviorPolicy::default());
+        let a = assess(SubjectKind::ApiKey, &sweeping_key(), &[], &p);
+        let vol = a.findings[DetectorId::OutputVolume.idx()];
+        assert!((vol.strength - 1.167).abs() < 0.01, "{vol:?}");
+        assert_eq!(a.findings[DetectorId::TemplateSweep.idx()].strength, 1.0);
+        let t = a.tally(&p, true);
+        assert_eq!(t.classes, 2);
+        assert!(t.score > 2.1);
+        let reasons = a.reasons(&p, true);
+        assert_eq!(reasons[0].detector, "output_volume");
+        assert_eq!(reasons[1].detector, "template_sweep");
+    }
+
+    #[test]
+    fn batch_classifier_is_coverage_only() {
+        // B2: one template, all prompts distinct, tiny outputs, logprobs often.
+        let p = params(&BehaviorPolicy::default());
+        let v = SignalView {
+            out_per_min: 300.0,
+            out_in_ratio: 0.003,
+            logprob_per_min: 70.0,
+            logprob_share: 0.75,
+            pinned_share: 0.1,
+            cv: Some(0.05),
+            ..sweeping_key()
+        };
+        let t = assess(SubjectKind::ApiKey, &v, &[], &p).tally(&p, true);
+        assert_eq!(t.classes, 1, "{t:?}");
+        assert!(!t.volume && !t.gate(&p));
+        // Even with another class (coordination), no volume means no throttle.
+        let v = SignalView { peers: 20.0, ..v };
+        let t = assess(SubjectKind::ApiKey, &v, &[], &p).tally(&p, true);
+        assert_eq!(t.classes, 2, "{t:?}");
+        assert!(!t.gate(&p));
+    }
+
+    #[test]
+    fn shadow_detectors_only_in_reported_view() {
+        let mut policy = BehaviorPolicy::default();
+        policy.detectors.output_volume.shadow = true;
+        let p = params(&policy);
+        let a = assess(SubjectKind::ApiKey, &sweeping_key(), &[], &p);
+        assert_eq!(a.tally(&p, true).classes, 2);
+        assert_eq!(a.tally(&p, false).classes, 1);
+        assert!(a
+            .reasons(&p, false)
+            .iter()
+            .all(|r| r.detector != "output_volume"));
+
+        policy.detectors.output_volume.shadow = false;
+        policy.detectors.output_volume.enabled = false;
+        let p = params(&policy);
+        let a = assess(SubjectKind::ApiKey, &sweeping_key(), &[], &p);
+        assert_eq!(a.tally(&p, true).classes, 1);
+    }
+
+    #[test]
+    fn template_spread_needs_per_org_intensity() {
+        let p = params(&BehaviorPolicy::default());
+        let v = SignalView {
+            out_per_min: 3000.0,
+            ..sweeping_key()
+        };
+        // Distillation: 100 orgs, 300k tokens/min on the family.
+        let hot = FamilyStats {
+            orgs: 100.0,
+            req_per_min: 300.0,
+            out_per_min: 300_000.0,
+        };
+        // Homework: 300 orgs, 30k tokens/min: 100 per org.
+        let homework = FamilyStats {
+            orgs: 300.0,
+            req_per_min: 100.0,
+            out_per_min: 30_000.0,
+        };
+        let a = assess(SubjectKind::ApiKey, &v, &[hot], &p);
+        assert_eq!(a.findings[DetectorId::TemplateSpread.idx()].strength, 1.0);
+        let a = assess(SubjectKind::ApiKey, &v, &[homework], &p);
+        assert_eq!(a.findings[DetectorId::TemplateSpread.idx()].strength, 0.0);
+        // Of several candidate families (SimHash bands), the strongest counts.
+        let a = assess(SubjectKind::ApiKey, &v, &[homework, hot, homework], &p);
+        assert_eq!(a.findings[DetectorId::TemplateSpread.idx()].strength, 1.0);
+        // A subject that is not mostly in the family is not linked to it.
+        let v = SignalView {
+            family_share: 0.3,
+            ..v
+        };
+        let a = assess(SubjectKind::ApiKey, &v, &[hot], &p);
+        assert_eq!(a.findings[DetectorId::TemplateSpread.idx()].strength, 0.0);
+    }
+
+    #[test]
+    fn propagation_floors_need_count_and_share() {
+        let p = params(&BehaviorPolicy::default());
+        // The group shows some evidence of its own (a template sweep).
+        let base = SignalView {
+            peers: 10.0,
+            window_requests: 100,
+            distinct_ratio: Some(1.0),
+            concentration: 1.0,
+            ..SignalView::default()
+        };
+        let v = SignalView {
+            kids_reported: 6.0,
+            kids_enforced: 3.0,
+            ..base
+        };
+        let a = assess(SubjectKind::Org, &v, &[], &p);
+        assert_eq!(a.floor_reported, Level::Challenge);
+        assert_eq!(a.floor_enforced, Level::Throttle);
+        // 6 escalated keys among 300 active ones: below min_share.
+        let v = SignalView {
+            kids_reported: 6.0,
+            kids_enforced: 6.0,
+            peers: 300.0,
+            ..base
+        };
+        let a = assess(SubjectKind::IpCluster, &v, &[], &p);
+        assert_eq!(a.floor_reported, Level::Normal);
+        // Without evidence of its own, the group is not raised.
+        let v = SignalView {
+            kids_reported: 6.0,
+            kids_enforced: 6.0,
+            peers: 10.0,
+            ..SignalView::default()
+        };
+        assert_eq!(
+            assess(SubjectKind::Org, &v, &[], &p).floor_reported,
+            Level::Normal
+        );
+        // Keys never get a floor.
+        let v = SignalView {
+            kids_reported: 6.0,
+            kids_enforced: 6.0,
+            ..base
+        };
+        assert_eq!(
+            assess(SubjectKind::ApiKey, &v, &[], &p).floor_enforced,
+            Level::Normal
+        );
+    }
+}

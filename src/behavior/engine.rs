@@ -1,0 +1,278 @@
+//! Glue between the warden and the behavioural state: per-entry slots with a cached level,
+//! the per-check observe/evaluate pass, propagation, and event dispatch after every lock is
+//! released.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::{
+    BehaviorParams, BehaviorPolicy, CrossIndex, Families, Level, Observation, SubjectBehavior,
+    Transition,
+};
+use crate::hooks::{EscalationEvent, EscalationHook, EventQueue, HookRunner};
+use crate::policy::ConfigError;
+use crate::subject::SubjectKind;
+use crate::table::Entry;
+
+/// The runtime behavioural settings of one compiled policy, shared by all its limit sets.
+#[derive(Debug)]
+pub(crate) struct BehaviorRt {
+    pub(crate) params: BehaviorParams,
+    pub(crate) cross: Arc<CrossIndex>,
+}
+
+impl BehaviorRt {
+    /// Validates `policy`. The sketch seed and the cross index carry over from `prev` (the
+    /// policy being replaced) so that state filled under it stays meaningful.
+    pub(crate) fn new(
+        policy: &BehaviorPolicy,
+        seed: u64,
+        prev: Option<&BehaviorRt>,
+    ) -> Result<Self, ConfigError> {
+        let params = BehaviorParams::new(policy, "behavior")?.with_seed(seed);
+        let cross = match prev {
+            Some(p) if p.params.policy().cross == policy.cross => p.cross.clone(),
+            _ => Arc::new(CrossIndex::new(&params)),
+        };
+        Ok(Self { params, cross })
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        self.params.policy().enabled
+    }
+}
+
+/// No manual level expires: the cached level stays valid until the next locked update.
+const NEVER: u64 = u64::MAX;
+
+/// One subject's behavioural state, boxed inside its table entry: the state behind a short
+/// mutex, and its current levels cached in one atomic so that reading them costs one load.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    state: Mutex<SubjectBehavior>,
+    /// enforced level | reported level << 8.
+    levels: AtomicU64,
+    /// When a manual level expires: the cache must be refreshed under the lock from then on.
+    recheck_at: AtomicU64,
+}
+
+impl Slot {
+    pub(crate) fn new(kind: SubjectKind, now: u64, exempt: bool) -> Self {
+        let mut s = SubjectBehavior::new(kind, now);
+        s.set_exempt(exempt);
+        Self {
+            state: Mutex::new(s),
+            levels: AtomicU64::new(0),
+            recheck_at: AtomicU64::new(NEVER),
+        }
+    }
+
+    pub(crate) fn clone_state(&self) -> Self {
+        let s = self.state.lock().clone();
+        Self {
+            state: Mutex::new(s),
+            levels: AtomicU64::new(self.levels.load(Ordering::Relaxed)),
+            recheck_at: AtomicU64::new(self.recheck_at.load(Ordering::Relaxed)),
+        }
+    }
+
+    pub(crate) fn evictable(&self, now: u64) -> bool {
+        !self.state.lock().must_keep(now)
+    }
+
+    /// (enforced, reported) at `now`.
+    #[inline]
+    pub(crate) fn levels(&self, now: u64) -> (Level, Level) {
+        if now >= self.recheck_at.load(Ordering::Acquire) {
+            let s = self.state.lock();
+            self.store(&s, now);
+        }
+        let w = self.levels.load(Ordering::Acquire);
+        (
+            Level::from_u8(w as u8).unwrap_or(Level::Normal),
+            Level::from_u8((w >> 8) as u8).unwrap_or(Level::Normal),
+        )
+    }
+
+    /// Refreshes the cache from the state (call with the lock held).
+    fn store(&self, s: &SubjectBehavior, now: u64) {
+        let w = u64::from(s.level(now) as u8) | (u64::from(s.reported_level(now) as u8) << 8);
+        self.levels.store(w, Ordering::Release);
+        let recheck = s.manual_until(now).unwrap_or(NEVER);
+        self.recheck_at.store(recheck, Ordering::Release);
+    }
+
+    /// Runs `f` on the state under the lock and refreshes the cache.
+    pub(crate) fn with<R>(&self, now: u64, f: impl FnOnce(&mut SubjectBehavior) -> R) -> R {
+        let mut s = self.state.lock();
+        let r = f(&mut s);
+        self.store(&s, now);
+        r
+    }
+}
+
+/// Level changes found during a check, dispatched once its locks are released.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    changes: [Option<Transition>; 3],
+}
+
+impl Pending {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.changes.iter().all(Option::is_none)
+    }
+}
+
+/// The subjects of one check, as the behavioural pass sees them.
+pub(crate) type Subjects<'a> = [Option<&'a Entry>; 3];
+
+/// Per-warden behavioural machinery: event queue and hooks.
+#[derive(Debug)]
+pub(crate) struct Engine {
+    queue: EventQueue,
+    hooks: HookRunner,
+}
+
+impl Engine {
+    pub(crate) fn new(hooks: Vec<Box<dyn EscalationHook>>, capacity: usize) -> Self {
+        Self {
+            queue: EventQueue::new(capacity),
+            hooks: HookRunner::new(hooks),
+        }
+    }
+
+    /// (enforced, reported) level of each subject.
+    #[inline]
+    pub(crate) fn levels(&self, subjects: &Subjects<'_>, now: u64) -> [(Level, Level); 3] {
+        subjects.map(|e| match e.and_then(|e| e.behavior.as_deref()) {
+            Some(b) => b.levels(now),
+            None => (Level::Normal, Level::Normal),
+        })
+    }
+
+    /// The cost multiplier of a subject at `level`: a throttled subject pays `1 / factor` per
+    /// unit, which scales all its limits by `factor` (rounded to a whole multiplier).
+    #[inline]
+    pub(crate) fn multiplier(level: Level, rt: &BehaviorRt) -> u64 {
+        if level == Level::Throttle {
+            let f = rt.params.throttle_factor;
+            if f > 0.0 && f < 1.0 {
+                return (1.0 / f).round().max(1.0) as u64;
+            }
+        }
+        1
+    }
+
+    /// The subject and level that deny the request outright (challenge or block), the
+    /// highest first.
+    #[inline]
+    pub(crate) fn denying(levels: &[(Level, Level); 3]) -> Option<(usize, Level)> {
+        let (i, l) = levels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i, l.0))
+            .max_by_key(|&(i, l)| (l, std::cmp::Reverse(i)))?;
+        (l >= Level::Challenge).then_some((i, l))
+    }
+
+    /// Feeds one check to the subjects' signals and the cross index, re-evaluates them (each
+    /// at most once per `evaluate_every_ms`), and propagates escalated keys to their org and
+    /// cluster. Returns the level changes to dispatch after the caller releases its locks.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn observe(
+        &self,
+        subjects: &Subjects<'_>,
+        hashes: [u64; 3],
+        req: &crate::Request<'_>,
+        now: u64,
+        rt: &BehaviorRt,
+        pressure: [f32; 3],
+        denied: bool,
+    ) -> Pending {
+        let mut obs = Observation {
+            now_ns: now,
+            input_tokens: req.input_tokens,
+            expected_output_tokens: req.expected_output_tokens,
+            prompt_fp: req.prompt_fp,
+            prompt_simhash: req.prompt_simhash,
+            template_fp: req.template_fp,
+            logprobs: req.logprobs,
+            key_hash: hashes[0],
+            org_hash: hashes[1],
+            cluster_hash: hashes[2],
+            pressure: 0.0,
+            denied_by_limit: denied,
+        };
+        let p = &rt.params;
+        rt.cross.observe(&obs);
+        let mut pending = Pending::default();
+        let mut key_levels = None;
+        for (i, e) in subjects.iter().enumerate() {
+            let Some(b) = e.and_then(|e| e.behavior.as_deref()) else {
+                continue;
+            };
+            obs.pressure = pressure[i];
+            let (change, levels) = b.with(now, |s| {
+                if let Some((rep, enf)) = key_levels {
+                    s.child_escalated(hashes[0], rep, enf, now, p);
+                }
+                s.observe(&obs, p);
+                let t = s.evaluate(now, p, &rt.cross);
+                (t, (s.reported_level(now), s.level(now)))
+            });
+            if i == 0 && levels.0.max(levels.1) >= Level::Throttle {
+                key_levels = Some(levels);
+            }
+            pending.changes[i] = change;
+        }
+        pending
+    }
+
+    /// Records the actual output of a finished response.
+    pub(crate) fn settle(slot: &Slot, output_tokens: u64, now: u64) {
+        slot.with(now, |s| s.settle(output_tokens));
+    }
+
+    /// Records the output on the request's prompt families.
+    pub(crate) fn settle_cross(
+        rt: &BehaviorRt,
+        template_fp: Option<u64>,
+        simhash: Option<u64>,
+        output: u64,
+    ) {
+        let f = Families::of(template_fp, simhash);
+        if !f.ids().is_empty() {
+            rt.cross.settle(&f, output);
+        }
+    }
+
+    /// Turns pending changes into events: queued and handed to the hooks. Call with no lock
+    /// of the warden held.
+    pub(crate) fn dispatch(&self, pending: Pending, names: impl Fn(usize) -> String, now: u64) {
+        for (i, t) in pending.changes.into_iter().enumerate() {
+            let Some(t) = t else { continue };
+            let event = t.into_event(SubjectKind::ALL[i], names(i), now / 1_000_000);
+            self.emit(event);
+        }
+    }
+
+    /// Queues an event and runs the hooks on it.
+    pub(crate) fn emit(&self, event: EscalationEvent) {
+        self.hooks.run(&event);
+        let _ = self.queue.push(event);
+    }
+
+    pub(crate) fn drain(&self) -> Vec<EscalationEvent> {
+        self.queue.drain()
+    }
+
+    pub(crate) fn events_dropped(&self) -> u64 {
+        self.queue.dropped()
+    }
+
+    pub(crate) fn hooks_panicked(&self) -> u64 {
+        self.hooks.panicked_hooks()
+    }
+}

@@ -1,0 +1,1195 @@
+//! What users configure for the behavioural layer: serde structs with principled defaults, and
+//! their validation. The defaults are the `llm_api` preset's; each field's doc says why.
+//!
+//! Every struct denies unknown fields and takes its defaults for missing ones, so a TOML table
+//! needs to name only what it changes:
+//!
+//! ```toml
+//! [behavior]
+//! shadow = true
+//! [behavior.detectors.template_spread]
+//! min_orgs = 6
+//! ```
+//!
+//! Detector ramps use one convention: a detector's strength is 0 at or below `min_*`, rises
+//! linearly to 1 at `full_*`, and (for the two volume detectors only) goes on rising to 2 at
+//! `extreme_*`. The score of a subject is the sum of `weight × strength` over its detectors.
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::ConfigError;
+
+/// Configuration of the behavioural layer (signals → score → level).
+///
+/// # Examples
+///
+/// ```
+/// use ratewarden::BehaviorPolicy;
+/// let p = BehaviorPolicy { shadow: true, ..BehaviorPolicy::default() };
+/// assert!(p.enabled && p.shadow);
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BehaviorPolicy {
+    /// Whether the behavioural layer runs at all. Default `true`. When `false`, computed
+    /// levels stay `normal`; manual levels still apply.
+    pub enabled: bool,
+    /// Global shadow mode: everything is computed and reported (with `shadow: true` on
+    /// events), but the enforced level stays `normal` unless a manual level is set.
+    /// Default `false`.
+    pub shadow: bool,
+    /// Share of its classic limits that a throttled subject keeps. Default `0.25`: a quarter
+    /// cuts a sustained extractor's yield by three quarters while a benign subject that was
+    /// throttled by mistake can still work.
+    pub throttle_factor: f64,
+    /// A subject is re-evaluated at most this often (milliseconds of its own traffic).
+    /// Default `1000`: detection latency is dominated by signal build-up (minutes), so one
+    /// evaluation per second per active subject costs nothing in latency and keeps the score
+    /// computation off almost every request.
+    pub evaluate_every_ms: u64,
+    /// Half-life of the decayed rate counters (requests, output tokens, logprob requests,
+    /// pinned requests), in seconds. Default `120`: a human burst of twenty requests is
+    /// smoothed to a few per minute, while a sustained extractor reaches half its true rate
+    /// in two minutes and 80% in under five.
+    pub rate_half_life_s: u64,
+    /// Length of one window of the distinct-count sketches, in seconds; counts cover the
+    /// current and the previous window, so 1–2 windows. Default `300`: long enough for a key
+    /// at three requests per minute to show its spread, short enough to forget a finished
+    /// batch within ten minutes.
+    pub window_s: u64,
+    /// Ratio-based detectors (sweep, diversity, timing, pinned) stay silent until the subject
+    /// made at least this many requests in the current and previous window. Default `16`:
+    /// below that a share or a coefficient of variation is noise, and one human session
+    /// rarely has more.
+    pub min_requests: u32,
+    /// Two prompt SimHashes at most this many bits apart count as near (same family).
+    /// Default `16`: unrelated 64-bit SimHashes differ in 32 ± 4 bits, so 16 or fewer
+    /// happens by chance about once in 20,000 pairs.
+    pub near_bits: u32,
+    /// Score thresholds, hysteresis and cool-downs of the levels.
+    pub levels: LevelsPolicy,
+    /// Per-detector settings.
+    pub detectors: DetectorsPolicy,
+    /// Raising an org or IP cluster when enough of its keys are escalated.
+    pub propagation: PropagationPolicy,
+    /// The global index that links subjects through shared prompt families.
+    pub cross: CrossPolicy,
+}
+
+impl Default for BehaviorPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            shadow: false,
+            throttle_factor: 0.25,
+            evaluate_every_ms: 1000,
+            rate_half_life_s: 120,
+            window_s: 300,
+            min_requests: 16,
+            near_bits: 16,
+            levels: LevelsPolicy::default(),
+            detectors: DetectorsPolicy::default(),
+            propagation: PropagationPolicy::default(),
+            cross: CrossPolicy::default(),
+        }
+    }
+}
+
+/// Thresholds of one level: the score to enter it, the score to leave it, and the minimum time
+/// spent in it before stepping down. All three fields must be given when the table is written.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LevelRule {
+    /// Score at or above which the subject enters this level.
+    pub up: f64,
+    /// Score below which the subject may step down from this level (after the cool-down).
+    pub down: f64,
+    /// Minimum time at this level before stepping down one level, in seconds.
+    pub cooldown_s: u64,
+}
+
+/// Score → level mapping with hysteresis.
+///
+/// Levels go up at once to the highest level whose `up` the score reaches, and come down one
+/// level at a time: only when the score is below that level's `down` and the subject has spent
+/// `cooldown_s` at the level.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LevelsPolicy {
+    /// Default up 0.75, down 0.5, 5 minutes: a single corroborating signal (weight 0.5)
+    /// alone stays `normal`; one strong signal is watched.
+    pub watch: LevelRule,
+    /// Default up 1.5, down 1.0, 10 minutes: needs at least one full-strength and one
+    /// half-strength detector (and see `min_evidence_classes`).
+    pub throttle: LevelRule,
+    /// Default up 2.0, down 1.5, 15 minutes: two full-strength detectors from different
+    /// classes (extraction at full volume *and* full coverage or coordination), or
+    /// extraction volume well past its full mark with half-strength support.
+    pub challenge: LevelRule,
+    /// Default up 3.25, down 2.75, 30 minutes: three or more strong, independent signals.
+    pub block: LevelRule,
+    /// Throttle and above need firing detectors from at least this many independent evidence
+    /// classes (extraction, coverage, population, network; timing and pinning corroborate but
+    /// are not a class). Below that the level is capped at `watch`. Default `2`: a batch
+    /// classifier (one template, all prompts distinct) shows coverage only and so is never
+    /// throttled by its sweep alone.
+    pub min_evidence_classes: u32,
+    /// Throttle and above also need a firing detector that measures *volume* of extracted
+    /// information: `output_volume`, `logprob_harvest`, `template_spread` (the family's
+    /// volume per org) or `propagation` (escalated keys each had one). Default `true`: without
+    /// volume there is no extraction to stop, however coordinated or systematic the traffic
+    /// looks (an enterprise whose service keys share one template and start together).
+    pub require_volume: bool,
+    /// A detector "fires" (counts towards `min_evidence_classes`) at this strength.
+    /// Default `0.5`.
+    pub fire_strength: f64,
+    /// After a host clears a challenge, the computed level is capped at `throttle` for this
+    /// long, so that a re-verified subject is not re-challenged on its very next request.
+    /// Default `900` (15 minutes).
+    pub challenge_grace_s: u64,
+}
+
+impl Default for LevelsPolicy {
+    fn default() -> Self {
+        Self {
+            watch: LevelRule {
+                up: 0.75,
+                down: 0.5,
+                cooldown_s: 300,
+            },
+            throttle: LevelRule {
+                up: 1.5,
+                down: 1.0,
+                cooldown_s: 600,
+            },
+            challenge: LevelRule {
+                up: 2.0,
+                down: 1.5,
+                cooldown_s: 900,
+            },
+            block: LevelRule {
+                up: 3.25,
+                down: 2.75,
+                cooldown_s: 1800,
+            },
+            min_evidence_classes: 2,
+            require_volume: true,
+            fire_strength: 0.5,
+            challenge_grace_s: 900,
+        }
+    }
+}
+
+/// Settings of every detector. Each has `enabled`, its own `shadow` (computed and reported,
+/// but left out of the enforced score) and a `weight`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectorsPolicy {
+    /// `output_volume` (extraction): sustained output-token rate.
+    pub output_volume: OutputVolumePolicy,
+    /// `logprob_harvest` (extraction): logprobs requested broadly and often.
+    pub logprob_harvest: LogprobHarvestPolicy,
+    /// `template_sweep` (coverage): one family filled with ever new content.
+    pub template_sweep: TemplateSweepPolicy,
+    /// `prompt_diversity` (coverage, keys only): many unrelated prompt families.
+    pub prompt_diversity: PromptDiversityPolicy,
+    /// `ip_spread` (network, keys only): one key used from many IP clusters.
+    pub ip_spread: IpSpreadPolicy,
+    /// `template_spread` (population): the subject's prompt family is harvested by many orgs.
+    pub template_spread: TemplateSpreadPolicy,
+    /// `key_fanout` (population, orgs and clusters): many distinct keys.
+    pub key_fanout: KeyFanoutPolicy,
+    /// `key_churn` (population, orgs and clusters): keys appearing in a burst.
+    pub key_churn: KeyChurnPolicy,
+    /// `regular_timing` (corroborating, keys only): machine-regular inter-arrival times.
+    pub regular_timing: RegularTimingPolicy,
+    /// `pinned` (corroborating): time spent at or near a classic limit.
+    pub pinned: PinnedPolicy,
+}
+
+/// `output_volume`: the output tokens a subject obtains per minute, counted only for output
+/// that is new (distinct prompts) and large relative to the input. For an org or IP cluster,
+/// which aggregate many independent users, only the volume concentrated on its dominant
+/// prompt family counts, and only as far as each active key draws a lot of it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputVolumePolicy {
+    /// Default `true`.
+    pub enabled: bool,
+    /// Default `false`.
+    pub shadow: bool,
+    /// Default `1.0`.
+    pub weight: f64,
+    /// Key: strength starts above this many output tokens per minute. Default `8000`: four
+    /// to eight times what a person reading answers sustains.
+    pub min_tokens_per_min: f64,
+    /// Key: full strength. Default `40000`: forty 1000-token answers a minute, sustained
+    /// (58M tokens a day), automation at a third of the key's request limit.
+    pub full_tokens_per_min: f64,
+    /// Key: strength 2. Default `160000`: beyond the whole request limit at 1000 tokens each.
+    pub extreme_tokens_per_min: f64,
+    /// Org or cluster: start. Default `150000`. Groups aggregate many users, so their marks
+    /// sit thirty times above a key's, and count only output concentrated in one family.
+    pub group_min_tokens_per_min: f64,
+    /// Org or cluster: full strength. Default `900000`: over a fifth of the org token limit
+    /// (4M/min) spent as output of one prompt family. An enterprise whose forty modest keys
+    /// share a corporate template draws about 350k.
+    pub group_full_tokens_per_min: f64,
+    /// Org or cluster: strength 2. Default `3600000`.
+    pub group_extreme_tokens_per_min: f64,
+    /// Org or cluster: the concentrated output per active key where it starts to count.
+    /// Default `2000` (per minute): a carrier NAT or a popular app's user base draws a lot in
+    /// total but little per key; a group of scripted keys draws a lot per key.
+    pub group_min_tokens_per_key: f64,
+    /// Org or cluster: per-key output for full strength. Default `8000`.
+    pub group_full_tokens_per_key: f64,
+    /// Output/input token ratio at or below which output counts nothing. Default `0.25`:
+    /// classifiers and summarisers return a small fraction of what they read.
+    pub min_output_ratio: f64,
+    /// Output/input ratio at which output counts fully. Default `2.0`: harvesting asks short
+    /// questions for long answers; chat-like services sit around one and count about half.
+    pub full_output_ratio: f64,
+    /// Distinct-prompt ratio at or below which output counts nothing (repeats of one prompt
+    /// reveal nothing new). Default `0.2`.
+    pub min_distinct: f64,
+    /// Distinct-prompt ratio at which output counts fully. Default `0.5`.
+    pub full_distinct: f64,
+}
+
+impl Default for OutputVolumePolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            shadow: false,
+            weight: 1.0,
+            min_tokens_per_min: 8_000.0,
+            full_tokens_per_min: 40_000.0,
+            extreme_tokens_per_min: 160_000.0,
+            group_min_tokens_per_min: 150_000.0,
+            group_full_tokens_per_min: 900_000.0,
+            group_extreme_tokens_per_min: 3_600_000.0,
+            group_min_tokens_per_key: 2_000.0,
+            group_full_tokens_per_key: 8_000.0,
+            min_output_ratio: 0.25,
+            full_output_ratio: 2.0,
+            min_distinct: 0.2,
+            full_distinct: 0.5,
+        }
+    }
+}
+
+/// `logprob_harvest`: log-probabilities leak a whole distribution per token. Requested on
+/// nearly every request, at a sustained rate, over *many* prompt families, they harvest the
+/// model broadly; a classifier asking for logprobs on its one template does not.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogprobHarvestPolicy {
+    /// Default `true`.
+    pub enabled: bool,
+    /// Default `false`.
+    pub shadow: bool,
+    /// Default `1.0`.
+    pub weight: f64,
+    /// Share of requests with logprobs where strength starts. Default `0.5`.
+    pub min_share: f64,
+    /// Share for full strength. Default `0.9` ("nearly every request").
+    pub full_share: f64,
+    /// Logprob requests per minute where strength starts. Default `10`.
+    pub min_per_min: f64,
+    /// Full strength. Default `40` (a third of the key request limit).
+    pub full_per_min: f64,
+    /// Strength 2. Default `120` (the key request limit).
+    pub extreme_per_min: f64,
+    /// Distinct templates in the window where breadth starts. Default `4`: a classifier or
+    /// eval pipeline with a handful of tasks stays below.
+    pub min_templates: f64,
+    /// Distinct templates for full breadth. Default `12`.
+    pub full_templates: f64,
+    /// When most requests carry no template fingerprint: distinct SimHash clusters among the
+    /// last 8 prompts (smoothed) where breadth starts. Default `5`: a pipeline cycling through
+    /// five tasks shows at most five.
+    pub min_recent_families: f64,
+    /// Distinct clusters among the last 8 for full breadth. Default `7.5` (8 = all unrelated).
+    pub full_recent_families: f64,
+}
+
+impl Default for LogprobHarvestPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            shadow: false,
+            weight: 1.0,
+            min_share: 0.5,
+            full_share: 0.9,
+            min_per_min: 10.0,
+            full_per_min: 40.0,
+            extreme_per_min: 120.0,
+            min_templates: 4.0,
+            full_templates: 12.0,
+            min_recent_families: 5.0,
+            full_recent_families: 7.5,
+        }
+    }
+}
+
+/// `template_sweep`: most requests share one prompt family (template fingerprint, or close
+/// SimHashes when no template is supplied) while nearly every prompt is distinct: a template
+/// filled from a list. Legitimate batch jobs look like this too, which is why it is coverage
+/// evidence only and never throttles alone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TemplateSweepPolicy {
+    /// Default `true`.
+    pub enabled: bool,
+    /// Default `false`.
+    pub shadow: bool,
+    /// Default `1.0`.
+    pub weight: f64,
+    /// Share of requests in the dominant family where strength starts. Default `0.5`.
+    pub min_share: f64,
+    /// Share for full strength. Default `0.8`.
+    pub full_share: f64,
+    /// Distinct-prompt ratio where strength starts. Default `0.6`.
+    pub min_distinct: f64,
+    /// Distinct-prompt ratio for full strength. Default `0.9`.
+    pub full_distinct: f64,
+}
+
+impl Default for TemplateSweepPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            shadow: false,
+            weight: 1.0,
+            min_share: 0.5,
+            full_share: 0.8,
+            min_distinct: 0.6,
+            full_distinct: 0.9,
+        }
+    }
+}
+
+/// `prompt_diversity` (keys only): many distinct templates (or, when requests carry no
+/// template fingerprint, consecutive prompts unrelated to each other), with few repeats: broad
+/// coverage of the model's abilities.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromptDiversityPolicy {
+    /// Default `true`.
+    pub enabled: bool,
+    /// Default `false`.
+    pub shadow: bool,
+    /// Default `1.0`.
+    pub weight: f64,
+    /// Distinct templates in the window where strength starts. Default `6`: an application
+    /// backend with a handful of features stays below.
+    pub min_templates: f64,
+    /// Distinct templates for full strength. Default `16`.
+    pub full_templates: f64,
+    /// When most requests carry no template fingerprint: distinct SimHash clusters among the
+    /// last 8 prompts (smoothed) where strength starts. Default `5`: a person who mostly edits
+    /// the previous prompt shows three or four.
+    pub min_recent_families: f64,
+    /// Distinct clusters among the last 8 for full strength. Default `7.5`.
+    pub full_recent_families: f64,
+    /// Distinct-prompt ratio where strength starts. Default `0.6`.
+    pub min_distinct: f64,
+    /// Distinct-prompt ratio for full strength. Default `0.9`.
+    pub full_distinct: f64,
+}
+
+impl Default for PromptDiversityPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            shadow: false,
+            weight: 1.0,
+            min_templates: 6.0,
+            full_templates: 16.0,
+            min_recent_families: 5.0,
+            full_recent_families: 7.5,
+            min_distinct: 0.6,
+            full_distinct: 0.9,
+        }
+    }
+}
+
+/// `ip_spread` (keys only): distinct IP clusters one key used in the window. People use one or
+/// two; a key rotated through a residential proxy pool uses a new one per request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IpSpreadPolicy {
+    /// Default `true`.
+    pub enabled: bool,
+    /// Default `false`.
+    pub shadow: bool,
+    /// Default `1.0`.
+    pub weight: f64,
+    /// Distinct clusters where strength starts. Default `4` (home, office, phone, VPN).
+    pub min_clusters: f64,
+    /// Distinct clusters for full strength. Default `10`.
+    pub full_clusters: f64,
+}
+
+impl Default for IpSpreadPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            shadow: false,
+            weight: 1.0,
+            min_clusters: 4.0,
+            full_clusters: 10.0,
+        }
+    }
+}
+
+/// `template_spread` (the cross-subject signal): the subject's dominant prompt family is, in
+/// the global [`CrossPolicy`] index, used by many distinct orgs, with a high output volume in
+/// total *and per org*. Homework templates or a popular framework's system prompt reach many
+/// orgs too, but each org draws little output from them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TemplateSpreadPolicy {
+    /// Default `true`.
+    pub enabled: bool,
+    /// Default `false`.
+    pub shadow: bool,
+    /// Default `1.0`.
+    pub weight: f64,
+    /// Distinct orgs on the family where strength starts. Default `4`.
+    pub min_orgs: f64,
+    /// Distinct orgs for full strength. Default `16`.
+    pub full_orgs: f64,
+    /// Family output tokens per minute (all orgs) where strength starts. Default `20000`.
+    pub min_tokens_per_min: f64,
+    /// Family output per minute for full strength. Default `100000`.
+    pub full_tokens_per_min: f64,
+    /// Family output per minute per active org where strength starts. Default `500`.
+    pub min_tokens_per_org: f64,
+    /// Per-org output per minute for full strength. Default `2000`: more than a person
+    /// sustains, what a script at a few requests per minute draws.
+    pub full_tokens_per_org: f64,
+    /// The subject's own share of requests in that family must be at least this. Default `0.5`.
+    pub min_subject_share: f64,
+    /// The subject must have made at least this many requests in the window before it is
+    /// linked to its family. Default `8`: one request from a hot family says nothing about the
+    /// residential address it came from.
+    pub min_subject_requests: u32,
+}
+
+impl Default for TemplateSpreadPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            shadow: false,
+            weight: 1.0,
+            min_orgs: 4.0,
+            full_orgs: 16.0,
+            min_tokens_per_min: 20_000.0,
+            full_tokens_per_min: 100_000.0,
+            min_tokens_per_org: 500.0,
+            full_tokens_per_org: 2_000.0,
+            min_subject_share: 0.5,
+            min_subject_requests: 8,
+        }
+    }
+}
+
+/// `key_fanout` (orgs and clusters): distinct keys active in the window. Enterprises and NATs
+/// have many, so the default weight is only `0.5`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyFanoutPolicy {
+    /// Default `true`.
+    pub enabled: bool,
+    /// Default `false`.
+    pub shadow: bool,
+    /// Default `0.5`.
+    pub weight: f64,
+    /// Org: distinct keys where strength starts. Default `8`.
+    pub org_min_keys: f64,
+    /// Org: full strength. Default `32`.
+    pub org_full_keys: f64,
+    /// IP cluster: start. Default `16`.
+    pub cluster_min_keys: f64,
+    /// IP cluster: full strength. Default `64`.
+    pub cluster_full_keys: f64,
+}
+
+impl Default for KeyFanoutPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            shadow: false,
+            weight: 0.5,
+            org_min_keys: 8.0,
+            org_full_keys: 32.0,
+            cluster_min_keys: 16.0,
+            cluster_full_keys: 64.0,
+        }
+    }
+}
+
+/// `key_churn` (orgs and clusters): keys active in the current window that were not active in
+/// the previous one: fresh keys appearing together (for a new org or cluster, every key is
+/// new, so this also catches synchronised starts). Weight `0.5`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyChurnPolicy {
+    /// Default `true`.
+    pub enabled: bool,
+    /// Default `false`.
+    pub shadow: bool,
+    /// Default `0.5`.
+    pub weight: f64,
+    /// New keys per window where strength starts. Default `4`.
+    pub min_new_keys: f64,
+    /// New keys per window for full strength. Default `16`.
+    pub full_new_keys: f64,
+}
+
+impl Default for KeyChurnPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            shadow: false,
+            weight: 0.5,
+            min_new_keys: 4.0,
+            full_new_keys: 16.0,
+        }
+    }
+}
+
+/// `regular_timing` (keys only, corroborating): coefficient of variation of inter-arrival
+/// times. Scripts are regular, people are bursty; CI bots are regular too, so weight `0.5`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegularTimingPolicy {
+    /// Default `true`.
+    pub enabled: bool,
+    /// Default `false`.
+    pub shadow: bool,
+    /// Default `0.5`.
+    pub weight: f64,
+    /// Strength is 0 at or above this CV. Default `0.35` (Poisson arrivals have CV 1).
+    pub max_cv: f64,
+    /// Strength is 1 at or below this CV. Default `0.1`.
+    pub full_cv: f64,
+}
+
+impl Default for RegularTimingPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            shadow: false,
+            weight: 0.5,
+            max_cv: 0.35,
+            full_cv: 0.1,
+        }
+    }
+}
+
+/// `pinned` (corroborating): share of requests made while a classic limit of the subject was
+/// nearly exhausted or refused. Wanting more than the limit allows is what extractors do, but
+/// so do eager batch jobs, so weight `0.5`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PinnedPolicy {
+    /// Default `true`.
+    pub enabled: bool,
+    /// Default `false`.
+    pub shadow: bool,
+    /// Default `0.5`.
+    pub weight: f64,
+    /// A request counts as pinned when `pressure` is at least this, or it was refused.
+    /// Default `0.9`.
+    pub pressure: f64,
+    /// Pinned share where strength starts. Default `0.2`.
+    pub min_share: f64,
+    /// Pinned share for full strength. Default `0.6`.
+    pub full_share: f64,
+}
+
+impl Default for PinnedPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            shadow: false,
+            weight: 0.5,
+            pressure: 0.9,
+            min_share: 0.2,
+            full_share: 0.6,
+        }
+    }
+}
+
+/// How many escalated keys raise their org or cluster to which level (`0` = never).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PropagationRule {
+    /// Distinct escalated keys in the window that raise the subject to `throttle`.
+    pub throttle_at: u32,
+    /// Distinct escalated keys that raise it to `challenge`.
+    pub challenge_at: u32,
+    /// Distinct escalated keys that raise it to `block`.
+    pub block_at: u32,
+}
+
+/// `propagation`: keys at throttle or higher raise their org and IP cluster. Each rule also
+/// needs the escalated keys to be at least `min_share` of the keys active in the group, so that
+/// a few bad keys behind a campus NAT do not take the whole campus down, and the group's own
+/// score (without propagation) to reach `levels.watch.up`, so that a residential /24 which
+/// proxy-rotated keys merely pass through is not raised.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PropagationPolicy {
+    /// Default `true`.
+    pub enabled: bool,
+    /// Default `false`.
+    pub shadow: bool,
+    /// Weight of the `propagation` reason in the group's score. Default `1.0`.
+    pub weight: f64,
+    /// Escalated keys are remembered for 1–2 windows of this length, in seconds. Default `600`.
+    pub window_s: u64,
+    /// Escalated keys must be at least this share of the group's active keys. Default `0.2`.
+    pub min_share: f64,
+    /// Default throttle at 3 keys, challenge at 6, never block.
+    pub org: PropagationRule,
+    /// Default throttle at 3 keys, challenge at 8, never block.
+    pub ip_cluster: PropagationRule,
+}
+
+impl Default for PropagationPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            shadow: false,
+            weight: 1.0,
+            window_s: 600,
+            min_share: 0.2,
+            org: PropagationRule {
+                throttle_at: 3,
+                challenge_at: 6,
+                block_at: 0,
+            },
+            ip_cluster: PropagationRule {
+                throttle_at: 3,
+                challenge_at: 8,
+                block_at: 0,
+            },
+        }
+    }
+}
+
+/// The global cross-subject index of prompt families (template fingerprint, else a SimHash
+/// band): distinct orgs, request and output volume per family, over the rate half-life and the
+/// sketch window.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CrossPolicy {
+    /// Default `true`.
+    pub enabled: bool,
+    /// Families tracked at once (rounded up to a power of two, at least 64). About 80 bytes
+    /// each. Default `4096` (about 320 KiB). When full, the least active family of a bucket
+    /// is replaced.
+    pub capacity: usize,
+    /// A family idle this long (seconds) is free for reuse. Default `3600`.
+    pub stale_after_s: u64,
+}
+
+impl Default for CrossPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            capacity: 4096,
+            stale_after_s: 3600,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation
+
+fn invalid(path: &str, field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        path: format!("{path}.{field}"),
+        reason: reason.into(),
+    }
+}
+
+fn finite_nonneg(path: &str, field: &str, v: f64) -> Result<(), ConfigError> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(path, field, "must be a finite number >= 0"))
+    }
+}
+
+fn unit(path: &str, field: &str, v: f64) -> Result<(), ConfigError> {
+    if v.is_finite() && (0.0..=1.0).contains(&v) {
+        Ok(())
+    } else {
+        Err(invalid(path, field, "must be between 0 and 1"))
+    }
+}
+
+fn positive_secs(path: &str, field: &str, v: u64) -> Result<(), ConfigError> {
+    if v == 0 {
+        Err(ConfigError::Zero {
+            path: format!("{path}.{field}"),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// `min_name < full_name`, both finite and >= 0.
+fn ramp(
+    path: &str,
+    min_name: &str,
+    min: f64,
+    full_name: &str,
+    full: f64,
+) -> Result<(), ConfigError> {
+    finite_nonneg(path, min_name, min)?;
+    finite_nonneg(path, full_name, full)?;
+    if full > min {
+        Ok(())
+    } else {
+        Err(invalid(
+            path,
+            full_name,
+            format!("must be greater than {min_name}"),
+        ))
+    }
+}
+
+fn unit_ramp(
+    path: &str,
+    min_name: &str,
+    min: f64,
+    full_name: &str,
+    full: f64,
+) -> Result<(), ConfigError> {
+    unit(path, min_name, min)?;
+    unit(path, full_name, full)?;
+    ramp(path, min_name, min, full_name, full)
+}
+
+fn extreme(path: &str, name: &str, full: f64, v: f64, full_name: &str) -> Result<(), ConfigError> {
+    finite_nonneg(path, name, v)?;
+    if v == 0.0 || v > full {
+        Ok(())
+    } else {
+        Err(invalid(
+            path,
+            name,
+            format!("must be greater than {full_name}, or 0 to cap strength at 1"),
+        ))
+    }
+}
+
+impl BehaviorPolicy {
+    /// Checks every field; `path` is the prefix of the reported field path (for example
+    /// `behavior`).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the first bad field, e.g.
+    /// `behavior.detectors.template_spread.full_orgs`.
+    pub(crate) fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        if !(self.throttle_factor.is_finite()
+            && self.throttle_factor > 0.0
+            && self.throttle_factor <= 1.0)
+        {
+            return Err(invalid(path, "throttle_factor", "must be in (0, 1]"));
+        }
+        positive_secs(path, "rate_half_life_s", self.rate_half_life_s)?;
+        positive_secs(path, "window_s", self.window_s)?;
+        if self.near_bits == 0 || self.near_bits > 32 {
+            return Err(invalid(path, "near_bits", "must be between 1 and 32"));
+        }
+        self.levels.validate(&format!("{path}.levels"))?;
+        self.detectors.validate(&format!("{path}.detectors"))?;
+        self.propagation.validate(&format!("{path}.propagation"))?;
+        self.cross.validate(&format!("{path}.cross"))
+    }
+}
+
+impl LevelsPolicy {
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        let rules = [
+            ("watch", &self.watch),
+            ("throttle", &self.throttle),
+            ("challenge", &self.challenge),
+            ("block", &self.block),
+        ];
+        let mut prev_up = 0.0_f64;
+        for (name, rule) in rules {
+            let p = format!("{path}.{name}");
+            finite_nonneg(&p, "up", rule.up)?;
+            finite_nonneg(&p, "down", rule.down)?;
+            if rule.up <= prev_up {
+                return Err(invalid(
+                    &p,
+                    "up",
+                    "must be greater than the level below's up (and > 0)",
+                ));
+            }
+            if rule.down >= rule.up {
+                return Err(invalid(&p, "down", "must be lower than up (hysteresis)"));
+            }
+            prev_up = rule.up;
+        }
+        if !(1..=4).contains(&self.min_evidence_classes) {
+            return Err(invalid(
+                path,
+                "min_evidence_classes",
+                "must be between 1 and 4",
+            ));
+        }
+        if !(self.fire_strength.is_finite()
+            && self.fire_strength > 0.0
+            && self.fire_strength <= 1.0)
+        {
+            return Err(invalid(path, "fire_strength", "must be in (0, 1]"));
+        }
+        Ok(())
+    }
+}
+
+impl DetectorsPolicy {
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        let d = &self.output_volume;
+        let p = format!("{path}.output_volume");
+        finite_nonneg(&p, "weight", d.weight)?;
+        ramp(
+            &p,
+            "min_tokens_per_min",
+            d.min_tokens_per_min,
+            "full_tokens_per_min",
+            d.full_tokens_per_min,
+        )?;
+        extreme(
+            &p,
+            "extreme_tokens_per_min",
+            d.full_tokens_per_min,
+            d.extreme_tokens_per_min,
+            "full_tokens_per_min",
+        )?;
+        ramp(
+            &p,
+            "group_min_tokens_per_min",
+            d.group_min_tokens_per_min,
+            "group_full_tokens_per_min",
+            d.group_full_tokens_per_min,
+        )?;
+        extreme(
+            &p,
+            "group_extreme_tokens_per_min",
+            d.group_full_tokens_per_min,
+            d.group_extreme_tokens_per_min,
+            "group_full_tokens_per_min",
+        )?;
+        ramp(
+            &p,
+            "group_min_tokens_per_key",
+            d.group_min_tokens_per_key,
+            "group_full_tokens_per_key",
+            d.group_full_tokens_per_key,
+        )?;
+        ramp(
+            &p,
+            "min_output_ratio",
+            d.min_output_ratio,
+            "full_output_ratio",
+            d.full_output_ratio,
+        )?;
+        unit_ramp(
+            &p,
+            "min_distinct",
+            d.min_distinct,
+            "full_distinct",
+            d.full_distinct,
+        )?;
+
+        let d = &self.logprob_harvest;
+        let p = format!("{path}.logprob_harvest");
+        finite_nonneg(&p, "weight", d.weight)?;
+        unit_ramp(&p, "min_share", d.min_share, "full_share", d.full_share)?;
+        ramp(
+            &p,
+            "min_per_min",
+            d.min_per_min,
+            "full_per_min",
+            d.full_per_min,
+        )?;
+        extreme(
+            &p,
+            "extreme_per_min",
+            d.full_per_min,
+            d.extreme_per_min,
+            "full_per_min",
+        )?;
+        ramp(
+            &p,
+            "min_templates",
+            d.min_templates,
+            "full_templates",
+            d.full_templates,
+        )?;
+        ramp(
+            &p,
+            "min_recent_families",
+            d.min_recent_families,
+            "full_recent_families",
+            d.full_recent_families,
+        )?;
+
+        let d = &self.template_sweep;
+        let p = format!("{path}.template_sweep");
+        finite_nonneg(&p, "weight", d.weight)?;
+        unit_ramp(&p, "min_share", d.min_share, "full_share", d.full_share)?;
+        unit_ramp(
+            &p,
+            "min_distinct",
+            d.min_distinct,
+            "full_distinct",
+            d.full_distinct,
+        )?;
+
+        let d = &self.prompt_diversity;
+        let p = format!("{path}.prompt_diversity");
+        finite_nonneg(&p, "weight", d.weight)?;
+        ramp(
+            &p,
+            "min_templates",
+            d.min_templates,
+            "full_templates",
+            d.full_templates,
+        )?;
+        ramp(
+            &p,
+            "min_recent_families",
+            d.min_recent_families,
+            "full_recent_families",
+            d.full_recent_families,
+        )?;
+        unit_ramp(
+            &p,
+            "min_distinct",
+            d.min_distinct,
+            "full_distinct",
+            d.full_distinct,
+        )?;
+
+        let d = &self.ip_spread;
+        let p = format!("{path}.ip_spread");
+        finite_nonneg(&p, "weight", d.weight)?;
+        ramp(
+            &p,
+            "min_clusters",
+            d.min_clusters,
+            "full_clusters",
+            d.full_clusters,
+        )?;
+
+        let d = &self.template_spread;
+        let p = format!("{path}.template_spread");
+        finite_nonneg(&p, "weight", d.weight)?;
+        ramp(&p, "min_orgs", d.min_orgs, "full_orgs", d.full_orgs)?;
+        ramp(
+            &p,
+            "min_tokens_per_min",
+            d.min_tokens_per_min,
+            "full_tokens_per_min",
+            d.full_tokens_per_min,
+        )?;
+        ramp(
+            &p,
+            "min_tokens_per_org",
+            d.min_tokens_per_org,
+            "full_tokens_per_org",
+            d.full_tokens_per_org,
+        )?;
+        unit(&p, "min_subject_share", d.min_subject_share)?;
+
+        let d = &self.key_fanout;
+        let p = format!("{path}.key_fanout");
+        finite_nonneg(&p, "weight", d.weight)?;
+        ramp(
+            &p,
+            "org_min_keys",
+            d.org_min_keys,
+            "org_full_keys",
+            d.org_full_keys,
+        )?;
+        ramp(
+            &p,
+            "cluster_min_keys",
+            d.cluster_min_keys,
+            "cluster_full_keys",
+            d.cluster_full_keys,
+        )?;
+
+        let d = &self.key_churn;
+        let p = format!("{path}.key_churn");
+        finite_nonneg(&p, "weight", d.weight)?;
+        ramp(
+            &p,
+            "min_new_keys",
+            d.min_new_keys,
+            "full_new_keys",
+            d.full_new_keys,
+        )?;
+
+        let d = &self.regular_timing;
+        let p = format!("{path}.regular_timing");
+        finite_nonneg(&p, "weight", d.weight)?;
+        ramp(&p, "full_cv", d.full_cv, "max_cv", d.max_cv)?;
+
+        let d = &self.pinned;
+        let p = format!("{path}.pinned");
+        finite_nonneg(&p, "weight", d.weight)?;
+        unit(&p, "pressure", d.pressure)?;
+        unit_ramp(&p, "min_share", d.min_share, "full_share", d.full_share)
+    }
+}
+
+impl PropagationPolicy {
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        finite_nonneg(path, "weight", self.weight)?;
+        positive_secs(path, "window_s", self.window_s)?;
+        unit(path, "min_share", self.min_share)?;
+        for (name, rule) in [("org", &self.org), ("ip_cluster", &self.ip_cluster)] {
+            let p = format!("{path}.{name}");
+            let tiers = [
+                ("throttle_at", rule.throttle_at),
+                ("challenge_at", rule.challenge_at),
+                ("block_at", rule.block_at),
+            ];
+            let mut lowest = 0_u32;
+            for (field, at) in tiers {
+                if at == 0 {
+                    continue;
+                }
+                if at < lowest {
+                    return Err(invalid(
+                        &p,
+                        field,
+                        "must not be lower than a lower level's count",
+                    ));
+                }
+                lowest = at;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CrossPolicy {
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        if self.capacity == 0 {
+            return Err(ConfigError::Zero {
+                path: format!("{path}.capacity"),
+            });
+        }
+        if self.capacity > 1 << 24 {
+            return Err(invalid(path, "capacity", "must be at most 16777216"));
+        }
+        positive_secs(path, "stale_after_s", self.stale_after_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        BehaviorPolicy::default().validate("behavior").unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut p = BehaviorPolicy::default();
+        p.detectors.template_spread.full_orgs = 2.0;
+        let err = p.validate("behavior").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid { ref path, .. } if path == "behavior.detectors.template_spread.full_orgs"
+            ),
+            "{err:?}"
+        );
+
+        let p = BehaviorPolicy {
+            window_s: 0,
+            ..BehaviorPolicy::default()
+        };
+        assert_eq!(
+            p.validate("behavior").unwrap_err(),
+            ConfigError::Zero {
+                path: "behavior.window_s".into()
+            }
+        );
+
+        let mut p = BehaviorPolicy::default();
+        p.levels.challenge.up = 1.0;
+        let err = p.validate("b").unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Invalid { ref path, .. } if path == "b.levels.challenge.up")
+        );
+
+        let mut p = BehaviorPolicy::default();
+        p.levels.throttle.down = 2.0;
+        let err = p.validate("b").unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Invalid { ref path, .. } if path == "b.levels.throttle.down")
+        );
+
+        let mut p = BehaviorPolicy::default();
+        p.propagation.org.challenge_at = 2;
+        let err = p.validate("b").unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Invalid { ref path, .. } if path == "b.propagation.org.challenge_at")
+        );
+
+        let mut p = BehaviorPolicy::default();
+        p.detectors.pinned.min_share = f64::NAN;
+        let err = p.validate("b").unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Invalid { ref path, .. } if path == "b.detectors.pinned.min_share")
+        );
+
+        let p = BehaviorPolicy {
+            throttle_factor: 0.0,
+            ..BehaviorPolicy::default()
+        };
+        assert!(p.validate("b").is_err());
+    }
+
+    #[test]
+    fn serde_partial_and_unknown_fields() {
+        let p: BehaviorPolicy = serde_json::from_str(
+            r#"{"shadow":true,"detectors":{"template_spread":{"min_orgs":6}}}"#,
+        )
+        .unwrap();
+        assert!(p.shadow);
+        assert_eq!(p.detectors.template_spread.min_orgs, 6.0);
+        assert_eq!(p.detectors.template_spread.full_orgs, 16.0);
+        assert_eq!(p.levels, LevelsPolicy::default());
+
+        let err = serde_json::from_str::<BehaviorPolicy>(r#"{"shadoww":true}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let err =
+            serde_json::from_str::<BehaviorPolicy>(r#"{"detectors":{"pinned":{"pressur":0.5}}}"#)
+                .unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+
+        let back: BehaviorPolicy =
+            serde_json::from_str(&serde_json::to_string(&BehaviorPolicy::default()).unwrap())
+                .unwrap();
+        assert_eq!(back, BehaviorPolicy::default());
+    }
+}

@@ -1,0 +1,839 @@
+//! Per-subject signals: exponentially decayed counters, EWMAs and tiny distinct-count
+//! sketches, updated in O(1) without allocation on every observed request.
+//!
+//! | signal | state |
+//! |---|---|
+//! | request, output-token and logprob rates; logprob share | decayed sums |
+//! | time pinned near a limit (`pressure`, `denied_by_limit`) | decayed sum of pinned requests |
+//! | output/input ratio | EWMAs of input and (settled) output tokens |
+//! | distinct-prompt ratio | 2 × 512-bit bitmap of prompt fingerprints + counts |
+//! | distinct templates; dominant template and its share | 2 × 64-bit bitmap; one-counter Misra–Gries |
+//! | near-duplicate share (consecutive SimHashes within `near_bits`) | decayed sums |
+//! | prompt breadth without templates | ring of the last 8 SimHashes, clustered at evaluation |
+//! | key: distinct IP clusters; org/cluster: distinct keys and new keys | 2 × 128-bit bitmap |
+//! | inter-arrival regularity (coefficient of variation) | EW Welford mean and variance |
+//! | escalated child keys (propagation) | 2 × 2 × 64-bit bitmaps |
+//!
+//! # Why hand-written sketches
+//!
+//! A subject's whole state must fit in 512 bytes, live inline in the subject table (no heap,
+//! no pointer chase), forget old behaviour, and cost a few nanoseconds per request. Sketch
+//! crates are built for the opposite trade-off: HyperLogLog implementations allocate kilobytes
+//! of registers, count forever (no decay or windowing), hash internally with their own hasher,
+//! and are generic over more than we need. What we need is small counts (tens to a few
+//! thousand distinct items per window) with a few percent error, where **linear counting**
+//! on a fixed bitmap is the best estimator there is for its size: 64 bytes count distinct
+//! prompts up to about 2,000 within 5%, 8 bytes count templates or escalated children up to
+//! ~100. Decay comes from two bitmaps per sketch (current and previous window, rotated by
+//! time), so counts cover the last one to two windows. Rates use exponentially decayed sums
+//! that are folded at most once per second (one `exp2` per second per subject instead of per
+//! request; the error of adding up to one second "late" is below 0.6% at a two-minute
+//! half-life). Inter-arrival regularity uses an exponentially weighted Welford variance.
+//! Bit positions come from the caller's 64-bit hashes mixed with a per-process secret seed,
+//! so clients cannot craft fingerprints that collide on purpose.
+//!
+//! Everything saturates: counters are `f32` (no overflow), counts `saturating_add`, and a
+//! clock that goes backwards gives zero elapsed time and re-anchors the reference times, so
+//! nothing stalls until it catches up.
+
+use super::{BehaviorParams, Families, Observation};
+use crate::subject::SubjectKind;
+
+/// Decayed counters are folded (multiplied by their decay) at most this often.
+pub(crate) const FOLD_NS: u64 = 1_000_000_000;
+
+/// Prompt sketch rotates early after this many inserts in its window, so that its bitmap never
+/// saturates (512 bits count up to ~1,000 items within a few percent).
+const PROMPT_FILL: u32 = 768;
+
+/// Above this estimate the union of the two 512-bit prompt windows is too full to count
+/// (under 7% zero bits); the two windows are then counted apart and added.
+const PROMPT_UNION_MAX: f32 = 1400.0;
+
+/// EWMA weights.
+const A_TOKENS: f32 = 1.0 / 8.0;
+const A_GAP: f32 = 1.0 / 16.0;
+/// Weight of one evaluation in the smoothed SimHash breadth.
+const A_BREADTH: f32 = 1.0 / 4.0;
+/// Recent SimHashes kept for the breadth read-out.
+const RECENT: usize = 8;
+
+/// Inter-arrival gaps needed before the coefficient of variation is reported.
+const MIN_GAPS: u16 = 12;
+
+const SALT_PROMPT: u64 = 0x243F_6A88_85A3_08D3;
+const SALT_TEMPLATE: u64 = 0x1319_8A2E_0370_7344;
+const SALT_PEER: u64 = 0xA409_3822_299F_31D0;
+const SALT_CHILD: u64 = 0x082E_FA98_EC4E_6C89;
+
+const F_ARRIVAL: u8 = 1;
+const F_SIMHASH: u8 = 2;
+const F_INPUT: u8 = 4;
+const F_SETTLED: u8 = 8;
+const F_BREADTH: u8 = 16;
+
+/// Mixes a secret seed (and salt) into a 64-bit hash with a full-avalanche finaliser, so that
+/// even structured inputs spread like random ones (which linear counting assumes).
+#[inline]
+pub(crate) fn mix(h: u64, seed: u64) -> u64 {
+    let mut x = h ^ seed;
+    x ^= x >> 32;
+    x = x.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    x ^= x >> 32;
+    x = x.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    x ^ (x >> 32)
+}
+
+/// The factor by which a decayed counter shrinks over `dt_ns`.
+#[inline]
+pub(crate) fn decay(dt_ns: u64, inv_half_life_ns: f64) -> f32 {
+    if dt_ns == 0 {
+        return 1.0;
+    }
+    let halvings = dt_ns as f64 * inv_half_life_ns;
+    if halvings >= 64.0 {
+        0.0
+    } else {
+        (-halvings).exp2() as f32
+    }
+}
+
+/// `u64` to `f32` through `i64`, which is one instruction on x86-64 (a direct `u64` cast is a
+/// branchy sequence); values above `i64::MAX` saturate there.
+#[inline]
+pub(crate) fn to_f32(v: u64) -> f32 {
+    v.min(i64::MAX as u64) as i64 as f32
+}
+
+/// Linear counting: the number of distinct items that set `ones` of `bits` bits.
+pub(crate) fn linear_count(ones: u32, bits: u32) -> f32 {
+    let m = bits as f32;
+    let zeros = m - ones as f32;
+    if zeros < 1.0 {
+        m * m.ln()
+    } else {
+        m * (m / zeros).ln()
+    }
+}
+
+/// A bitmap of `64 * W` bits for linear counting; `W` is a power of two.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Bitmap<const W: usize>([u64; W]);
+
+impl<const W: usize> Bitmap<W> {
+    const MASK: usize = {
+        assert!(W.is_power_of_two());
+        64 * W - 1
+    };
+    pub(crate) const ZERO: Self = Self([0; W]);
+
+    /// Sets the item's bit; returns whether it was clear.
+    #[inline]
+    pub(crate) fn insert(&mut self, mixed: u64) -> bool {
+        let idx = (mixed >> 40) as usize & Self::MASK;
+        let word = &mut self.0[idx >> 6];
+        let bit = 1 << (idx & 63);
+        let was_clear = *word & bit == 0;
+        *word |= bit;
+        was_clear
+    }
+
+    pub(crate) fn ones(&self) -> u32 {
+        self.0.iter().map(|w| w.count_ones()).sum()
+    }
+
+    pub(crate) fn or(&self, other: &Self) -> Self {
+        let mut out = *self;
+        for (a, b) in out.0.iter_mut().zip(other.0.iter()) {
+            *a |= *b;
+        }
+        out
+    }
+
+    pub(crate) fn estimate(&self) -> f32 {
+        linear_count(self.ones(), 64 * W as u32)
+    }
+}
+
+/// A bitmap sketch over the current and the previous window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Windowed<const W: usize> {
+    cur: Bitmap<W>,
+    prev: Bitmap<W>,
+}
+
+impl<const W: usize> Windowed<W> {
+    pub(crate) const ZERO: Self = Self {
+        cur: Bitmap::ZERO,
+        prev: Bitmap::ZERO,
+    };
+
+    /// Adds an item to the current window; returns whether its bit was clear there.
+    #[inline]
+    pub(crate) fn insert(&mut self, mixed: u64) -> bool {
+        self.cur.insert(mixed)
+    }
+
+    /// Moves `windows` windows on.
+    pub(crate) fn rotate(&mut self, windows: u64) {
+        match windows {
+            0 => {}
+            1 => {
+                self.prev = self.cur;
+                self.cur = Bitmap::ZERO;
+            }
+            _ => *self = Self::ZERO,
+        }
+    }
+
+    /// Distinct items over both windows.
+    pub(crate) fn distinct(&self) -> f32 {
+        self.cur.or(&self.prev).estimate()
+    }
+
+    /// Distinct items of the current window that were not in the previous one.
+    pub(crate) fn fresh(&self) -> f32 {
+        (self.distinct() - self.prev.estimate()).max(0.0)
+    }
+
+    pub(crate) fn cur_estimate(&self) -> f32 {
+        self.cur.estimate()
+    }
+
+    pub(crate) fn prev_estimate(&self) -> f32 {
+        self.prev.estimate()
+    }
+}
+
+/// Moves a window start on; returns how many whole windows passed (0 if none or if the clock
+/// went backwards).
+#[inline]
+fn windows_passed(start_ns: &mut u64, now_ns: u64, window_ns: u64) -> u64 {
+    let elapsed = now_ns.saturating_sub(*start_ns);
+    if elapsed < window_ns {
+        return 0;
+    }
+    let n = elapsed / window_ns;
+    *start_ns = start_ns.saturating_add(n.saturating_mul(window_ns));
+    n
+}
+
+/// Rotates a pair of per-window counts.
+fn rotate_counts(counts: &mut [u32; 2], windows: u64) {
+    match windows {
+        0 => {}
+        1 => *counts = [0, counts[0]],
+        _ => *counts = [0, 0],
+    }
+}
+
+/// The per-subject signal state (about 400 bytes; see `SubjectBehavior::SIZE`).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Signals {
+    /// Earliest time any housekeeping (fold, window rotation) is due.
+    next_ns: u64,
+    fold_ns: u64,
+    win_ns: u64,
+    prompt_win_ns: u64,
+    kids_win_ns: u64,
+    last_ns: u64,
+    top_template: u64,
+    /// The last `RECENT` prompt SimHashes, a ring.
+    recent: [u64; RECENT],
+
+    // Exponentially decayed sums, as of `fold_ns`.
+    reqs: f32,
+    logprobs: f32,
+    out: f32,
+    pinned: f32,
+    template_reqs: f32,
+    top_hits: f32,
+    top_weight: f32,
+    sim_pairs: f32,
+    near: f32,
+
+    // EWMAs.
+    ewma_out: f32,
+    ewma_in: f32,
+    gap_mean: f32,
+    gap_var: f32,
+    /// Smoothed number of distinct SimHash clusters among the recent prompts.
+    breadth: f32,
+
+    /// Requests in the current and previous window.
+    win_reqs: [u32; 2],
+    /// Prompt fingerprints inserted in the current and previous prompt window.
+    prompt_n: [u32; 2],
+    gaps: u16,
+    flags: u8,
+    /// SimHashes in `recent` (up to `RECENT`) and the next slot to write.
+    recent_len: u8,
+    recent_head: u8,
+
+    prompts: Windowed<8>,
+    templates: Windowed<1>,
+    /// Key: IP clusters. Org and cluster: keys.
+    peers: Windowed<2>,
+    kids_enforced: Windowed<1>,
+    kids_reported: Windowed<1>,
+}
+
+/// A read-out of the signals at one instant, in natural units.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct SignalView {
+    /// Requests per minute (decayed).
+    pub(crate) req_per_min: f32,
+    /// Output tokens per minute (decayed; each request counts the subject's mean output).
+    pub(crate) out_per_min: f32,
+    /// Logprob requests per minute.
+    pub(crate) logprob_per_min: f32,
+    /// Share of requests asking for logprobs.
+    pub(crate) logprob_share: f32,
+    /// Share of requests made at or near a limit.
+    pub(crate) pinned_share: f32,
+    /// Mean output tokens over mean input tokens.
+    pub(crate) out_in_ratio: f32,
+    /// Requests in the current and previous window.
+    pub(crate) window_requests: u32,
+    /// Distinct prompts / prompts, over the prompt windows (None: too few fingerprints).
+    pub(crate) distinct_ratio: Option<f32>,
+    /// Distinct prompts over the prompt windows.
+    pub(crate) distinct_prompts: f32,
+    /// Distinct templates over the windows.
+    pub(crate) templates: f32,
+    /// Share of requests that carry a template fingerprint.
+    pub(crate) template_share: f32,
+    /// Families to look up in the cross index: the dominant template when most requests
+    /// carry one, else the SimHash bands of the latest prompt.
+    pub(crate) probe: Families,
+    /// Share of the subject's requests in that family: the dominant template's share of all
+    /// requests, else `concentration`.
+    pub(crate) family_share: f32,
+    /// Concentration on one family: the dominant template's share of templated requests when
+    /// most requests carry a template, else the share of consecutive prompts that are near
+    /// (SimHash).
+    pub(crate) concentration: f32,
+    /// Distinct SimHash clusters among the last 8 prompts, smoothed over evaluations.
+    pub(crate) recent_families: Option<f32>,
+    /// Key: distinct IP clusters. Org and cluster: distinct keys.
+    pub(crate) peers: f32,
+    /// Peers of the current window that were not in the previous one.
+    pub(crate) fresh_peers: f32,
+    /// Coefficient of variation of inter-arrival times.
+    pub(crate) cv: Option<f32>,
+    /// Distinct escalated children (enforced).
+    pub(crate) kids_enforced: f32,
+    /// Distinct escalated children (reported, shadow included).
+    pub(crate) kids_reported: f32,
+}
+
+impl Signals {
+    pub(crate) const fn new(now_ns: u64) -> Self {
+        Self {
+            next_ns: now_ns,
+            fold_ns: now_ns,
+            win_ns: now_ns,
+            prompt_win_ns: now_ns,
+            kids_win_ns: now_ns,
+            last_ns: now_ns,
+            top_template: 0,
+            recent: [0; RECENT],
+            reqs: 0.0,
+            logprobs: 0.0,
+            out: 0.0,
+            pinned: 0.0,
+            template_reqs: 0.0,
+            top_hits: 0.0,
+            top_weight: 0.0,
+            sim_pairs: 0.0,
+            near: 0.0,
+            ewma_out: 0.0,
+            ewma_in: 0.0,
+            gap_mean: 0.0,
+            gap_var: 0.0,
+            breadth: 0.0,
+            win_reqs: [0; 2],
+            prompt_n: [0; 2],
+            gaps: 0,
+            flags: 0,
+            recent_len: 0,
+            recent_head: 0,
+            prompts: Windowed::ZERO,
+            templates: Windowed::ZERO,
+            peers: Windowed::ZERO,
+            kids_enforced: Windowed::ZERO,
+            kids_reported: Windowed::ZERO,
+        }
+    }
+
+    /// Time of the last observed request (as the clock read then, even if it went backwards).
+    pub(crate) const fn last_ns(&self) -> u64 {
+        self.last_ns
+    }
+
+    /// Folds decayed counters and rotates windows when due. O(1); two compares when not due.
+    #[inline]
+    pub(crate) fn advance(&mut self, now_ns: u64, p: &BehaviorParams) {
+        if now_ns >= self.next_ns || now_ns < self.fold_ns {
+            self.housekeep(now_ns, p);
+        }
+    }
+
+    #[cold]
+    fn housekeep(&mut self, now_ns: u64, p: &BehaviorParams) {
+        if now_ns < self.fold_ns {
+            // The clock went backwards: no time passed; re-anchor every reference time that
+            // is now in the future, so that nothing stalls until the clock catches up.
+            self.fold_ns = now_ns;
+            self.win_ns = self.win_ns.min(now_ns);
+            self.prompt_win_ns = self.prompt_win_ns.min(now_ns);
+            self.kids_win_ns = self.kids_win_ns.min(now_ns);
+        }
+        if now_ns >= self.fold_ns.saturating_add(FOLD_NS) {
+            let f = decay(now_ns - self.fold_ns, p.inv_half_life_ns);
+            self.scale(f);
+            self.fold_ns = now_ns;
+        }
+        let n = windows_passed(&mut self.win_ns, now_ns, p.window_ns);
+        self.templates.rotate(n);
+        self.peers.rotate(n);
+        rotate_counts(&mut self.win_reqs, n);
+        let n = windows_passed(&mut self.prompt_win_ns, now_ns, p.window_ns);
+        self.prompts.rotate(n);
+        rotate_counts(&mut self.prompt_n, n);
+        let n = windows_passed(&mut self.kids_win_ns, now_ns, p.kids_window_ns);
+        self.kids_enforced.rotate(n);
+        self.kids_reported.rotate(n);
+        self.next_ns = self
+            .fold_ns
+            .saturating_add(FOLD_NS)
+            .min(self.win_ns.saturating_add(p.window_ns))
+            .min(self.prompt_win_ns.saturating_add(p.window_ns))
+            .min(self.kids_win_ns.saturating_add(p.kids_window_ns));
+    }
+
+    fn scale(&mut self, f: f32) {
+        self.reqs *= f;
+        self.logprobs *= f;
+        self.out *= f;
+        self.pinned *= f;
+        self.template_reqs *= f;
+        self.top_hits *= f;
+        self.top_weight *= f;
+        self.sim_pairs *= f;
+        self.near *= f;
+    }
+
+    /// Records one request. O(1), no allocation.
+    #[inline]
+    pub(crate) fn observe(&mut self, kind: SubjectKind, obs: &Observation, p: &BehaviorParams) {
+        let now = obs.now_ns;
+        self.advance(now, p);
+
+        self.reqs += 1.0;
+        self.win_reqs[0] = self.win_reqs[0].saturating_add(1);
+        if obs.logprobs {
+            self.logprobs += 1.0;
+        }
+        if obs.denied_by_limit || obs.pressure >= p.pinned_pressure {
+            self.pinned += 1.0;
+        }
+
+        // Output: every request, served or not, counts the subject's mean output so far, so
+        // that a subject that keeps asking after being denied keeps its volume evidence. The
+        // host's estimate seeds the mean until the first settle.
+        if self.flags & F_SETTLED == 0 && obs.expected_output_tokens > 0 {
+            self.ewma_out = to_f32(obs.expected_output_tokens);
+        }
+        self.out += self.ewma_out;
+        let input = to_f32(obs.input_tokens);
+        if self.flags & F_INPUT == 0 {
+            self.ewma_in = input;
+            self.flags |= F_INPUT;
+        } else {
+            self.ewma_in += (input - self.ewma_in) * A_TOKENS;
+        }
+
+        // Inter-arrival regularity: exponentially weighted Welford.
+        if self.flags & F_ARRIVAL != 0 {
+            let gap = to_f32(now.saturating_sub(self.last_ns)) * 1e-9;
+            if self.gaps == 0 {
+                self.gap_mean = gap;
+                self.gap_var = 0.0;
+            } else {
+                let diff = gap - self.gap_mean;
+                let incr = A_GAP * diff;
+                self.gap_mean += incr;
+                self.gap_var = (1.0 - A_GAP) * (self.gap_var + diff * incr);
+            }
+            self.gaps = self.gaps.saturating_add(1);
+        }
+        self.flags |= F_ARRIVAL;
+        self.last_ns = now;
+
+        if let Some(sim) = obs.prompt_simhash {
+            if self.flags & F_SIMHASH != 0 {
+                let d = (sim ^ self.last_simhash()).count_ones();
+                self.sim_pairs += 1.0;
+                if d <= p.near_bits {
+                    self.near += 1.0;
+                }
+            }
+            self.recent[usize::from(self.recent_head) % RECENT] = sim;
+            self.recent_head = ((usize::from(self.recent_head) + 1) % RECENT) as u8;
+            self.recent_len = (self.recent_len + 1).min(RECENT as u8);
+            self.flags |= F_SIMHASH;
+        }
+
+        if let Some(t) = obs.template_fp {
+            self.template_reqs += 1.0;
+            self.templates.insert(mix(t, p.seed ^ SALT_TEMPLATE));
+            // Misra–Gries with one counter: the dominant template and its (decayed) hits.
+            if t == self.top_template && self.top_weight > 0.0 {
+                self.top_weight += 1.0;
+                self.top_hits += 1.0;
+            } else {
+                self.top_weight -= 1.0;
+                if self.top_weight <= 0.0 {
+                    self.top_template = t;
+                    self.top_weight = 1.0;
+                    self.top_hits = 1.0;
+                }
+            }
+        }
+
+        // Distinct prompts are counted over requests the classic limits let through, so that
+        // a client retrying a refused prompt does not look repetitive.
+        if !obs.denied_by_limit {
+            if let Some(fp) = obs.prompt_fp {
+                self.prompts.insert(mix(fp, p.seed ^ SALT_PROMPT));
+                self.prompt_n[0] = self.prompt_n[0].saturating_add(1);
+                if self.prompt_n[0] >= PROMPT_FILL {
+                    self.prompts.rotate(1);
+                    rotate_counts(&mut self.prompt_n, 1);
+                    self.prompt_win_ns = now.max(self.prompt_win_ns);
+                }
+            }
+        }
+
+        let peer = match kind {
+            SubjectKind::ApiKey => obs.cluster_hash,
+            SubjectKind::Org | SubjectKind::IpCluster => obs.key_hash,
+        };
+        self.peers.insert(mix(peer, p.seed ^ SALT_PEER));
+    }
+
+    /// The latest prompt SimHash (0 before the first).
+    #[inline]
+    fn last_simhash(&self) -> u64 {
+        self.recent[(usize::from(self.recent_head) + RECENT - 1) % RECENT]
+    }
+
+    /// Distinct SimHash clusters (greedy: a prompt further than `near_bits` from every
+    /// earlier one starts a new cluster) among the recent prompts, once the ring is full.
+    fn recent_clusters(&self, near_bits: u32) -> Option<f32> {
+        if usize::from(self.recent_len) < RECENT {
+            return None;
+        }
+        let mut clusters = 0_u32;
+        for (i, a) in self.recent.iter().enumerate() {
+            if self.recent[..i]
+                .iter()
+                .all(|b| (a ^ b).count_ones() > near_bits)
+            {
+                clusters += 1;
+            }
+        }
+        Some(clusters as f32)
+    }
+
+    /// Records the actual output of a finished response.
+    pub(crate) fn settle(&mut self, output_tokens: u64) {
+        let x = to_f32(output_tokens);
+        if self.flags & F_SETTLED == 0 {
+            self.ewma_out = x;
+            self.flags |= F_SETTLED;
+        } else {
+            self.ewma_out += (x - self.ewma_out) * A_TOKENS;
+        }
+    }
+
+    /// Records a child (key) at throttle or higher; returns whether it was new in the current
+    /// window (so that the group needs re-evaluating).
+    pub(crate) fn child(
+        &mut self,
+        child_hash: u64,
+        enforced: bool,
+        now_ns: u64,
+        p: &BehaviorParams,
+    ) -> bool {
+        self.advance(now_ns, p);
+        let h = mix(child_hash, p.seed ^ SALT_CHILD);
+        let mut new = self.kids_reported.insert(h);
+        if enforced {
+            new |= self.kids_enforced.insert(h);
+        }
+        new
+    }
+
+    /// Reads the signals as of `now_ns`.
+    pub(crate) fn view(&mut self, now_ns: u64, p: &BehaviorParams) -> SignalView {
+        self.advance(now_ns, p);
+        let f = decay(now_ns.saturating_sub(self.fold_ns), p.inv_half_life_ns);
+        let per_min = f * p.per_min;
+        let reqs = self.reqs * f;
+        let share = |x: f32| {
+            if reqs > 1e-3 {
+                (x * f / reqs).clamp(0.0, 1.0)
+            } else {
+                0.0
+            }
+        };
+
+        let prompt_total = self.prompt_n[0].saturating_add(self.prompt_n[1]);
+        // Union of both windows while it can be counted, else the sum of the two windows.
+        let union = self.prompts.distinct();
+        let distinct = if union < PROMPT_UNION_MAX {
+            union
+        } else {
+            self.prompts.cur_estimate() + self.prompts.prev_estimate()
+        }
+        .min(prompt_total as f32);
+        let distinct_ratio = (prompt_total >= p.min_requests.max(1))
+            .then(|| (distinct / prompt_total as f32).clamp(0.0, 1.0));
+
+        let template_reqs = self.template_reqs * f;
+        let top_of_templates = if template_reqs > 1e-3 {
+            (self.top_hits * f / template_reqs).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let near_share =
+            (self.sim_pairs > 0.5).then(|| (self.near / self.sim_pairs).clamp(0.0, 1.0));
+        let template_share = share(self.template_reqs);
+        let templated = template_share >= 0.5;
+        let concentration = if templated {
+            top_of_templates
+        } else {
+            near_share.unwrap_or(0.0)
+        };
+        let probe = if templated && self.top_weight > 0.0 {
+            Families::of(Some(self.top_template), None)
+        } else if self.flags & F_SIMHASH != 0 {
+            Families::of(None, Some(self.last_simhash()))
+        } else {
+            Families::default()
+        };
+        // Smoothed over evaluations: eight prompts are a small sample.
+        if let Some(c) = self.recent_clusters(p.near_bits) {
+            if self.flags & F_BREADTH == 0 {
+                self.breadth = c;
+                self.flags |= F_BREADTH;
+            } else {
+                self.breadth += (c - self.breadth) * A_BREADTH;
+            }
+        }
+
+        let cv = (self.gaps >= MIN_GAPS && self.gap_mean > 1e-6)
+            .then(|| self.gap_var.max(0.0).sqrt() / self.gap_mean);
+
+        SignalView {
+            req_per_min: self.reqs * per_min,
+            out_per_min: self.out * per_min,
+            logprob_per_min: self.logprobs * per_min,
+            logprob_share: share(self.logprobs),
+            pinned_share: share(self.pinned),
+            out_in_ratio: if self.ewma_in >= 1.0 {
+                self.ewma_out / self.ewma_in
+            } else if self.ewma_out > 0.0 {
+                f32::MAX
+            } else {
+                0.0
+            },
+            window_requests: self.win_reqs[0].saturating_add(self.win_reqs[1]),
+            distinct_ratio,
+            distinct_prompts: distinct,
+            templates: self.templates.distinct(),
+            template_share,
+            probe,
+            family_share: if templated {
+                share(self.top_hits)
+            } else {
+                concentration
+            },
+            concentration,
+            recent_families: (self.flags & F_BREADTH != 0).then_some(self.breadth),
+            peers: self.peers.distinct(),
+            fresh_peers: self.peers.fresh(),
+            cv,
+            kids_enforced: self.kids_enforced.distinct(),
+            kids_reported: self.kids_reported.distinct(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::behavior::BehaviorPolicy;
+
+    const S: u64 = 1_000_000_000;
+
+    fn params() -> BehaviorParams {
+        BehaviorParams::new(&BehaviorPolicy::default(), "behavior")
+            .unwrap()
+            .with_seed(7)
+    }
+
+    fn obs(now_ns: u64) -> Observation {
+        Observation {
+            now_ns,
+            input_tokens: 100,
+            ..Observation::default()
+        }
+    }
+
+    #[test]
+    fn linear_counting_is_accurate_in_range() {
+        let seed = 12345;
+        for n in [1_u64, 10, 100, 500, 1000, 2000] {
+            let mut b = Bitmap::<8>::ZERO;
+            for i in 0..n {
+                b.insert(mix(i.wrapping_mul(0xD6E8_FEB8_6659_FD93), seed));
+            }
+            let est = b.estimate();
+            let err = (est - n as f32).abs() / n as f32;
+            assert!(err < 0.1, "n={n} est={est}");
+        }
+        let mut b = Bitmap::<1>::ZERO;
+        for i in 0..10_000_u64 {
+            b.insert(mix(i, 1));
+        }
+        assert!(b.estimate().is_finite());
+        assert_eq!(Bitmap::<1>::ZERO.estimate(), 0.0);
+    }
+
+    #[test]
+    fn windows_rotate_and_forget() {
+        let mut w = Windowed::<2>::ZERO;
+        for i in 0..20_u64 {
+            w.insert(mix(i, 3));
+        }
+        assert!((w.distinct() - 20.0).abs() < 3.0);
+        w.rotate(1);
+        assert!((w.distinct() - 20.0).abs() < 3.0);
+        assert!(w.fresh() < 0.5);
+        for i in 100..110_u64 {
+            w.insert(mix(i, 3));
+        }
+        assert!((w.fresh() - 10.0).abs() < 2.0);
+        w.rotate(2);
+        assert_eq!(w.distinct(), 0.0);
+    }
+
+    #[test]
+    fn rates_converge_to_truth() {
+        let p = params();
+        let mut s = Signals::new(0);
+        // 60 requests per minute, 500 output tokens each, for 20 minutes.
+        for i in 0..1200_u64 {
+            let mut o = obs(i * S);
+            o.expected_output_tokens = 500;
+            o.logprobs = i % 2 == 0;
+            s.observe(SubjectKind::ApiKey, &o, &p);
+            s.settle(500);
+        }
+        let v = s.view(1200 * S, &p);
+        assert!((v.req_per_min - 60.0).abs() < 3.0, "{v:?}");
+        assert!((v.out_per_min - 30_000.0).abs() < 1500.0, "{v:?}");
+        assert!((v.logprob_share - 0.5).abs() < 0.05, "{v:?}");
+        assert!((v.out_in_ratio - 5.0).abs() < 0.01);
+        // Regular arrivals.
+        assert!(v.cv.unwrap() < 0.01);
+        // Decays away.
+        let v = s.view(1200 * S + 3600 * S, &p);
+        assert!(v.req_per_min < 0.01);
+    }
+
+    #[test]
+    fn distinct_ratio_and_concentration() {
+        let p = params();
+        let mut dup = Signals::new(0);
+        let mut sweep = Signals::new(0);
+        for i in 0..300_u64 {
+            let mut o = obs(i * S);
+            o.prompt_fp = Some(42);
+            o.template_fp = Some(7);
+            dup.observe(SubjectKind::ApiKey, &o, &p);
+            o.prompt_fp = Some(i.wrapping_mul(0x9E37_79B9));
+            o.prompt_simhash = Some(0xF0F0_F0F0_0000_0000 ^ (1 << (i % 5)));
+            sweep.observe(SubjectKind::ApiKey, &o, &p);
+        }
+        let d = dup.view(300 * S, &p);
+        let w = sweep.view(300 * S, &p);
+        assert!(d.distinct_ratio.unwrap() < 0.02, "{d:?}");
+        assert!(w.distinct_ratio.unwrap() > 0.95, "{w:?}");
+        assert!(w.concentration > 0.95 && w.family_share > 0.95, "{w:?}");
+        assert!((w.templates - 1.0).abs() < 0.01);
+        assert_eq!(w.recent_families, Some(1.0));
+        assert_eq!(w.probe, Families::of(Some(7), None));
+    }
+
+    #[test]
+    fn peers_count_clusters_for_keys_and_keys_for_groups() {
+        let p = params();
+        let mut key = Signals::new(0);
+        let mut org = Signals::new(0);
+        for i in 0..50_u64 {
+            let mut o = obs(i * S);
+            o.cluster_hash = i; // a new cluster every request
+            o.key_hash = i % 5;
+            key.observe(SubjectKind::ApiKey, &o, &p);
+            org.observe(SubjectKind::Org, &o, &p);
+        }
+        let peers = key.view(50 * S, &p).peers;
+        assert!((peers - 50.0).abs() < 10.0, "{peers}");
+        assert!((org.view(50 * S, &p).peers - 5.0).abs() < 1.0);
+    }
+
+    #[test]
+    fn clock_going_backwards_saturates() {
+        let p = params();
+        let mut s = Signals::new(1000 * S);
+        for t in [1000 * S, 10, 0, 2000 * S, 5 * S] {
+            s.observe(SubjectKind::ApiKey, &obs(t), &p);
+        }
+        let v = s.view(0, &p);
+        assert!(v.req_per_min.is_finite() && v.req_per_min >= 0.0);
+        assert!(v.cv.is_none() || v.cv.unwrap().is_finite());
+        assert_eq!(s.last_ns(), 5 * S);
+        // Far-future reading, then back to normal: windows and decay keep working.
+        let mut s = Signals::new(0);
+        s.observe(SubjectKind::ApiKey, &obs(u64::MAX / 2), &p);
+        for i in 0..100_u64 {
+            let mut o = obs(i * S);
+            o.cluster_hash = i;
+            s.observe(SubjectKind::ApiKey, &o, &p);
+        }
+        let v = s.view(100 * S + 700 * S, &p);
+        assert!(v.peers < 1.0, "windows rotated after the jump: {v:?}");
+        assert!(v.req_per_min < 2.0, "decay works after the jump: {v:?}");
+    }
+
+    #[test]
+    fn extreme_inputs_stay_finite() {
+        let p = params();
+        let mut s = Signals::new(0);
+        for i in 0..100_u64 {
+            let mut o = obs(i);
+            o.input_tokens = u64::MAX;
+            o.expected_output_tokens = u64::MAX;
+            o.pressure = f32::NAN;
+            s.observe(SubjectKind::Org, &o, &p);
+            s.settle(u64::MAX);
+        }
+        let v = s.view(u64::MAX, &p);
+        assert!(v.out_in_ratio.is_finite());
+        assert!(v.req_per_min.is_finite());
+    }
+}
