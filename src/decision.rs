@@ -263,6 +263,9 @@ impl PermitInner {
             return;
         }
         self.done = true;
+        if !self.holds_slots {
+            return;
+        }
         for (i, h) in self.handles.iter().enumerate() {
             let Some(h) = h else { continue };
             let m = self.mult[i].max(1);
