@@ -290,19 +290,28 @@ impl Warden {
 
         // Behavioural levels, read before any charge: the enforced level acts, the reported
         // one (shadow detectors included) is what the decision shows.
-        let levels = self.behavior.levels(&subjects, now);
-        let level = levels
-            .iter()
-            .map(|l| l.0.max(l.1))
-            .max()
-            .unwrap_or(Level::Normal);
-        let mult = levels.map(|l| Engine::multiplier(l.0, rt));
-        let hashes = handles.map(|h| match h {
-            Some(Handle::Name(id)) => id.0[0],
-            Some(Handle::Cluster(bits)) => (bits as u64) ^ ((bits >> 64) as u64).rotate_left(32),
-            _ => 0,
-        });
-        if let Some((si, l)) = Engine::denying(&levels) {
+        let behave = rt.enabled();
+        let (levels, level, mult) = if behave {
+            let levels = self.behavior.levels(&subjects, now);
+            let level = levels
+                .iter()
+                .map(|l| l.0.max(l.1))
+                .max()
+                .unwrap_or(Level::Normal);
+            (levels, level, levels.map(|l| Engine::multiplier(l.0, rt)))
+        } else {
+            ([(Level::Normal, Level::Normal); 3], Level::Normal, [1; 3])
+        };
+        let hashes = || {
+            handles.map(|h| match h {
+                Some(Handle::Name(id)) => id.0[0],
+                Some(Handle::Cluster(bits)) => {
+                    (bits as u64) ^ ((bits >> 64) as u64).rotate_left(32)
+                }
+                _ => 0,
+            })
+        };
+        if let Some((si, l)) = behave.then(|| Engine::denying(&levels)).flatten() {
             self.counters.bump(Counter::DeniedBehavior);
             let denial = Denial {
                 kind: SubjectKind::ALL[si],
@@ -318,7 +327,7 @@ impl Warden {
             };
             let pending = self
                 .behavior
-                .observe(&subjects, hashes, req, now, rt, [1.0; 3], true);
+                .observe(&subjects, hashes(), req, now, rt, [1.0; 3], true);
             drop((key_slot, org_slot, cl_slot));
             self.dispatch(pending, req, cluster, now);
             return Decision::Deny(denial);
@@ -396,11 +405,11 @@ impl Warden {
                 level,
                 info: crate::decision::info(now, &req_c, &tok_c),
             };
-            if rt.enabled() {
+            if behave {
                 let pressure = pressures(&subjects, now);
-                let pending = self
-                    .behavior
-                    .observe(&subjects, hashes, req, now, rt, pressure, true);
+                let pending =
+                    self.behavior
+                        .observe(&subjects, hashes(), req, now, rt, pressure, true);
                 drop((key_slot, org_slot, cl_slot));
                 self.dispatch(pending, req, cluster, now);
             }
@@ -449,12 +458,12 @@ impl Warden {
         }
         inner.req = best[0].map(|b| b.2);
         inner.tok = best[1].map(|b| b.2);
-        if rt.enabled() {
+        if behave {
             inner.families = (req.template_fp, req.prompt_simhash);
             let pressure = pressures(&subjects, now);
             let pending = self
                 .behavior
-                .observe(&subjects, hashes, req, now, rt, pressure, false);
+                .observe(&subjects, hashes(), req, now, rt, pressure, false);
             drop((key_slot, org_slot, cl_slot));
             self.dispatch(pending, req, cluster, now);
         }
