@@ -99,7 +99,7 @@ fn roomy() -> Policy {
     };
     let tpm = LimitConfig::Tokens {
         tokens: 1_000_000_000_000,
-        period: sec,
+        period: Period(Duration::from_secs(3600)),
         burst: None,
     };
     let mut p = Policy::empty();
@@ -148,7 +148,7 @@ fn bench(c: &mut Criterion) {
     });
 
     let warden = Arc::new(Warden::builder().policy(roomy()).build().unwrap());
-    g.bench_function("warden_check_only", |b| {
+    g.bench_function("warden_check_with_headers", |b| {
         let ip = "198.51.100.23".parse().unwrap();
         b.iter(|| {
             let req = ratewarden::Request::new("sk-proj-bench", "org-bench", ip)
@@ -158,6 +158,16 @@ fn bench(c: &mut Criterion) {
                 Decision::Allow(p) => black_box(p.headers().len()),
                 Decision::Deny(_) => unreachable!(),
             }
+        })
+    });
+
+    g.bench_function("warden_check_no_headers", |b| {
+        let ip = "198.51.100.23".parse().unwrap();
+        b.iter(|| {
+            let req = ratewarden::Request::new("sk-proj-bench", "org-bench", ip)
+                .input_tokens(400)
+                .expected_output_tokens(800);
+            black_box(warden.check(black_box(&req)).is_allowed())
         })
     });
 

@@ -762,17 +762,29 @@ fn problem(type_uri: &str, title: &str, status: StatusCode, detail: &str, policy
     s
 }
 
-/// A header name from the crate's own lowercase constants, without allocating.
+/// A header name for the crate's own names: the known ones are built at compile time; any
+/// other is parsed (and skipped if invalid).
 fn header_name(name: &'static str) -> Option<HeaderName> {
-    let lower = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if lower {
-        Some(HeaderName::from_static(name))
-    } else {
-        HeaderName::from_bytes(name.as_bytes()).ok()
+    macro_rules! known {
+        ($($n:literal),*) => {
+            match name {
+                $($n => return Some(const { HeaderName::from_static($n) }),)*
+                _ => {}
+            }
+        };
     }
+    known!(
+        "ratelimit-policy",
+        "ratelimit",
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+        "retry-after"
+    );
+    HeaderName::from_bytes(name.as_bytes()).ok()
 }
 
 fn put_headers(map: &mut HeaderMap, pairs: Vec<(&'static str, String)>) {

@@ -539,6 +539,7 @@ async fn a_concurrency_slot_is_held_until_the_body_ends_or_is_dropped() {
     // The response head is out, the body is not: the slot is still held.
     let res = h.send(get(req("k", "192.0.2.1"))).await;
     assert_eq!(res.status(), 429);
+    assert_eq!(int(&res, "retry-after"), 1);
     assert!(text(res)
         .await
         .contains("\"violated-policies\":[\"in_flight\"]"));
@@ -591,30 +592,14 @@ async fn an_inner_error_releases_the_slot() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Behavioural denials, through the manual level controls of the behavioural layer.
-
-/// Stand-in for `Warden::set_level` so that this file compiles before the behavioural layer
-/// lands it. Once the inherent method exists it takes precedence over this trait method, and
-/// these tests exercise it.
-#[allow(dead_code)]
-trait ManualLevels {
-    fn set_level(&self, subject: &SubjectId, level: Level, ttl: Option<Duration>);
-}
-
-impl ManualLevels for Warden {
-    fn set_level(&self, _subject: &SubjectId, _level: Level, _ttl: Option<Duration>) {
-        panic!("Warden::set_level has not landed yet");
-    }
-}
+// Behavioural denials, set by hand with `Warden::set_level`.
 
 #[tokio::test]
-#[ignore = "needs manual levels"]
 async fn challenge_is_429_with_an_abnormal_usage_problem() {
     let h = harness(Policy::llm_api(), |l| l);
-    #[allow(clippy::let_unit_value)]
-    let _ = h
-        .warden
-        .set_level(&SubjectId::api_key("sk-1"), Level::Challenge, None);
+    h.warden
+        .set_level(&SubjectId::api_key("sk-1"), Level::Challenge, None)
+        .unwrap();
     let res = h.send(get(req("sk-1", "192.0.2.1"))).await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(
@@ -634,13 +619,11 @@ async fn challenge_is_429_with_an_abnormal_usage_problem() {
 }
 
 #[tokio::test]
-#[ignore = "needs manual levels"]
 async fn block_is_403() {
     let h = harness(Policy::llm_api(), |l| l);
-    #[allow(clippy::let_unit_value)]
-    let _ = h
-        .warden
-        .set_level(&SubjectId::api_key("sk-1"), Level::Block, None);
+    h.warden
+        .set_level(&SubjectId::api_key("sk-1"), Level::Block, None)
+        .unwrap();
     let res = h.send(get(req("sk-1", "192.0.2.1"))).await;
     assert_eq!(res.status(), StatusCode::FORBIDDEN);
     assert_eq!(
