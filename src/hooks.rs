@@ -308,7 +308,8 @@ impl HookRunner {
         }
     }
 
-    /// Whether there is no hook at all (the warden can skip building events).
+    /// Whether there is no hook at all.
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.hooks.is_empty()
     }

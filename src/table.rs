@@ -178,7 +178,7 @@ impl Entry {
                 .iter()
                 .zip(self.cells())
                 .all(|(l, c)| l.algo.is_fresh(c, now))
-            && self.behavior.as_ref().is_none_or(|b| b.evictable(now))
+            && self.behavior.as_ref().map_or(true, |b| b.evictable(now))
     }
 }
 
@@ -394,12 +394,5 @@ impl<K: Eq + Hash + Copy, S: BuildHasher + Clone> Table<K, S> {
     /// The shared overflow entry.
     pub(crate) fn overflow(&self) -> Arc<Entry> {
         self.overflow.load_full()
-    }
-
-    /// Visits every tracked entry (read locks, one shard at a time).
-    pub(crate) fn for_each(&self, mut f: impl FnMut(&K, &Entry)) {
-        for r in self.map.iter() {
-            f(r.key(), r.value());
-        }
     }
 }

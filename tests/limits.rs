@@ -360,39 +360,39 @@ fn every_config_error_variant_names_its_path() {
     };
     zero(
         &|p| {
-            drop(
-                p.api_key
-                    .insert("requests_per_minute".into(), gcra(0, 60, 1)),
-            )
+            p.api_key
+                    .insert("requests_per_minute".into(), gcra(0, 60, 1)),;
         },
         "api_key.requests_per_minute.rate",
     );
     zero(
-        &|p| drop(p.org.insert("requests_per_minute".into(), gcra(1, 60, 0))),
+        &|p| {
+            p.org.insert("requests_per_minute".into(), gcra(1, 60, 0));
+        },
         "org.requests_per_minute.burst",
     );
     zero(
-        &|p| drop(p.ip_cluster.insert("x".into(), gcra(1, 0, 1))),
+        &|p| {
+            p.ip_cluster.insert("x".into(), gcra(1, 0, 1));
+        },
         "ip_cluster.x.period",
     );
     zero(
         &|p| {
-            drop(p.ip_cluster.insert(
+            p.ip_cluster.insert(
                 "w".into(),
                 LimitConfig::SlidingWindow {
                     limit: 5,
                     window: Period(Duration::ZERO),
                 },
-            ))
+            );
         },
         "ip_cluster.w.window",
     );
     zero(
         &|p| {
-            drop(
-                p.api_key
-                    .insert("c".into(), LimitConfig::Concurrency { max: 0 }),
-            )
+            p.api_key
+                    .insert("c".into(), LimitConfig::Concurrency { max: 0 }),;
         },
         "api_key.c.max",
     );
@@ -413,22 +413,26 @@ fn every_config_error_variant_names_its_path() {
     invalid(&|p| p.cluster.v6_prefix = 0, "cluster.v6_prefix");
     invalid(
         &|p| {
-            drop(p.api_key.insert(
+            p.api_key.insert(
                 "w".into(),
                 LimitConfig::SlidingWindow {
                     limit: 2_000_000,
                     window: Period(Duration::from_secs(1)),
                 },
-            ))
+            );
         },
         "api_key.w.limit",
     );
     invalid(
-        &|p| drop(p.api_key.insert("bad name".into(), gcra(1, 1, 1))),
+        &|p| {
+            p.api_key.insert("bad name".into(), gcra(1, 1, 1));
+        },
         "api_key.bad name",
     );
     invalid(
-        &|p| drop(p.api_key.insert("fast".into(), gcra(2_000_000_000, 1, 1))),
+        &|p| {
+            p.api_key.insert("fast".into(), gcra(2_000_000_000, 1, 1));
+        },
         "api_key.fast.rate",
     );
     let over = |kind, id: &str| Override {

@@ -3,7 +3,9 @@
 mod compile;
 mod config;
 
-pub(crate) use compile::{compile, intern as intern_name, Compiled, LimitSet};
+#[cfg(test)]
+pub(crate) use compile::intern as intern_name;
+pub(crate) use compile::{compile, Compiled, LimitSet};
 pub use config::{ClusterConfig, LimitConfig, Override, Period, Policy, TableConfig};
 
 /// A policy that cannot be built. Each variant names the path of the bad field, for example
