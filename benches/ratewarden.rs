@@ -1,3 +1,5 @@
+// criterion's macros define undocumented `pub fn`s.
+#![allow(missing_docs)]
 //! The criterion suite: one entry, a group per concern, governor side by side where the two
 //! are comparable. See `benches/README.md` for how to run it and the latest numbers.
 
@@ -17,14 +19,17 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use governor::{Quota, RateLimiter};
-use ratewarden::{Clock, ClusterConfig, Decision, LimitConfig, ManualClock, Period, Policy, Request, Warden};
+use ratewarden::{
+    Clock, ClusterConfig, Decision, LimitConfig, ManualClock, Period, Policy, Request, Warden,
+};
 
 /// A generous quota: every check in a benchmark is an allow, on both sides.
 const RATE_PER_SEC: u32 = 1_000_000_000;
 const BURST: u32 = 1_000_000_000;
 
 fn quota() -> Quota {
-    Quota::per_second(NonZeroU32::new(RATE_PER_SEC).unwrap()).allow_burst(NonZeroU32::new(BURST).unwrap())
+    Quota::per_second(NonZeroU32::new(RATE_PER_SEC).unwrap())
+        .allow_burst(NonZeroU32::new(BURST).unwrap())
 }
 
 fn gcra() -> LimitConfig {
@@ -73,13 +78,19 @@ fn api_keys(n: usize) -> Vec<String> {
 
 fn v4s(n: usize) -> Vec<IpAddr> {
     let mut rng = sim::Rng::new(7);
-    (0..n).map(|_| IpAddr::V4(Ipv4Addr::from(rng.next_u64() as u32))).collect()
+    (0..n)
+        .map(|_| IpAddr::V4(Ipv4Addr::from(rng.next_u64() as u32)))
+        .collect()
 }
 
 fn v6s(n: usize) -> Vec<IpAddr> {
     let mut rng = sim::Rng::new(9);
     (0..n)
-        .map(|_| IpAddr::V6(Ipv6Addr::from((u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64()))))
+        .map(|_| {
+            IpAddr::V6(Ipv6Addr::from(
+                (u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64()),
+            ))
+        })
         .collect()
 }
 
@@ -105,7 +116,9 @@ fn bench_check(c: &mut Criterion) {
         b.iter(|| black_box(w.check(&Request::new(black_box(&key), "", IP)).is_allowed()))
     });
     let gov = RateLimiter::keyed(quota());
-    g.bench_function("governor/single_key", |b| b.iter(|| black_box(gov.check_key(black_box(&key)).is_ok())));
+    g.bench_function("governor/single_key", |b| {
+        b.iter(|| black_box(gov.check_key(black_box(&key)).is_ok()))
+    });
     // 100,000 distinct string keys.
     let keys = api_keys(100_000);
     let ord = order(keys.len());
@@ -119,7 +132,10 @@ fn bench_check(c: &mut Criterion) {
     g.bench_function("ratewarden/100k_string_keys", |b| {
         b.iter(|| {
             i = (i + 1) % ord.len();
-            black_box(w.check(&Request::new(&keys[ord[i] as usize], "", IP)).is_allowed())
+            black_box(
+                w.check(&Request::new(&keys[ord[i] as usize], "", IP))
+                    .is_allowed(),
+            )
         })
     });
     let mut i = 0usize;
@@ -150,7 +166,10 @@ fn bench_keys(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("ratewarden/api_key", n), &n, |b, _| {
             b.iter(|| {
                 i = (i + 1) % n;
-                black_box(w.check(&Request::new(&keys[ord[i] as usize], "", IP)).is_allowed())
+                black_box(
+                    w.check(&Request::new(&keys[ord[i] as usize], "", IP))
+                        .is_allowed(),
+                )
             })
         });
         let mut i = 0usize;
@@ -170,19 +189,30 @@ fn bench_keys(c: &mut Criterion) {
                 let _ = gov.check_key(ip);
             }
             let mut i = 0usize;
-            g.bench_with_input(BenchmarkId::new(format!("ratewarden/{family}"), n), &n, |b, _| {
-                b.iter(|| {
-                    i = (i + 1) % n;
-                    black_box(w.check(&Request::new("", "", ips[ord[i] as usize])).is_allowed())
-                })
-            });
+            g.bench_with_input(
+                BenchmarkId::new(format!("ratewarden/{family}"), n),
+                &n,
+                |b, _| {
+                    b.iter(|| {
+                        i = (i + 1) % n;
+                        black_box(
+                            w.check(&Request::new("", "", ips[ord[i] as usize]))
+                                .is_allowed(),
+                        )
+                    })
+                },
+            );
             let mut i = 0usize;
-            g.bench_with_input(BenchmarkId::new(format!("governor/{family}"), n), &n, |b, _| {
-                b.iter(|| {
-                    i = (i + 1) % n;
-                    black_box(gov.check_key(&ips[ord[i] as usize]).is_ok())
-                })
-            });
+            g.bench_with_input(
+                BenchmarkId::new(format!("governor/{family}"), n),
+                &n,
+                |b, _| {
+                    b.iter(|| {
+                        i = (i + 1) % n;
+                        black_box(gov.check_key(&ips[ord[i] as usize]).is_ok())
+                    })
+                },
+            );
         }
     }
     g.finish();
@@ -196,8 +226,22 @@ fn full_policy(behavior: bool) -> Policy {
     let minute = Period(Duration::from_secs(60));
     for set in [&mut p.api_key, &mut p.org, &mut p.ip_cluster] {
         set.clear();
-        set.insert("requests_per_minute".into(), LimitConfig::Gcra { rate: 1 << 40, period: minute, burst: 1 << 30 });
-        set.insert("tokens_per_minute".into(), LimitConfig::Tokens { tokens: 1 << 50, period: minute, burst: None });
+        set.insert(
+            "requests_per_minute".into(),
+            LimitConfig::Gcra {
+                rate: 1 << 40,
+                period: minute,
+                burst: 1 << 30,
+            },
+        );
+        set.insert(
+            "tokens_per_minute".into(),
+            LimitConfig::Tokens {
+                tokens: 1 << 50,
+                period: minute,
+                burst: None,
+            },
+        );
     }
     p
 }
@@ -226,7 +270,11 @@ fn bench_full(c: &mut Criterion) {
                 p.settle(700);
             }
         }
-        let name = if behavior { "behavior_on" } else { "behavior_off" };
+        let name = if behavior {
+            "behavior_on"
+        } else {
+            "behavior_off"
+        };
         let mut i = 0usize;
         g.bench_function(format!("ratewarden/3_subjects_2_limits/{name}"), |b| {
             b.iter(|| {
@@ -241,6 +289,29 @@ fn bench_full(c: &mut Criterion) {
     g.finish();
 }
 
+/// Runs `iters` calls of `op(thread, j)` on each of `threads` threads released together;
+/// returns the wall time from the release to the last thread's end.
+fn timed_threads(threads: usize, iters: u64, op: &(impl Fn(usize, usize) + Sync)) -> Duration {
+    let barrier = Barrier::new(threads);
+    let start = std::sync::Mutex::new(None::<Instant>);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (barrier, start) = (&barrier, &start);
+            s.spawn(move || {
+                barrier.wait();
+                start.lock().unwrap().get_or_insert_with(Instant::now);
+                for j in 0..iters as usize {
+                    op(t, j);
+                }
+            });
+        }
+    });
+    start
+        .into_inner()
+        .unwrap()
+        .map_or(Duration::ZERO, |s| s.elapsed())
+}
+
 fn bench_contention(c: &mut Criterion) {
     let mut g = c.benchmark_group("contention");
     g.sample_size(10);
@@ -253,7 +324,11 @@ fn bench_contention(c: &mut Criterion) {
     for &threads in &threads_list {
         g.throughput(Throughput::Elements(threads as u64));
         for shared in [true, false] {
-            let case = if shared { "shared_key" } else { "distinct_keys" };
+            let case = if shared {
+                "shared_key"
+            } else {
+                "distinct_keys"
+            };
             let w = warden(keyed_policy());
             let gov = RateLimiter::keyed(quota());
             for k in &keys {
@@ -262,46 +337,29 @@ fn bench_contention(c: &mut Criterion) {
             }
             // Each thread walks its own slice of keys (or the one shared key).
             let slice = keys.len() / threads;
-            g.bench_with_input(BenchmarkId::new(format!("ratewarden/{case}"), threads), &threads, |b, &t| {
-                b.iter_custom(|iters| {
-                    let barrier = Barrier::new(t);
-                    let start = std::sync::Mutex::new(None::<Instant>);
-                    std::thread::scope(|s| {
-                        for ti in 0..t {
-                            let (w, keys, barrier, start) = (&w, &keys, &barrier, &start);
-                            s.spawn(move || {
-                                barrier.wait();
-                                start.lock().unwrap().get_or_insert_with(Instant::now);
-                                for j in 0..iters as usize {
-                                    let k = if shared { &keys[0] } else { &keys[ti * slice + j % slice] };
-                                    black_box(w.check(&Request::new(k, "", IP)).is_allowed());
-                                }
-                            });
-                        }
-                    });
-                    start.into_inner().unwrap().map_or(Duration::ZERO, |s| s.elapsed())
-                })
-            });
-            g.bench_with_input(BenchmarkId::new(format!("governor/{case}"), threads), &threads, |b, &t| {
-                b.iter_custom(|iters| {
-                    let barrier = Barrier::new(t);
-                    let start = std::sync::Mutex::new(None::<Instant>);
-                    std::thread::scope(|s| {
-                        for ti in 0..t {
-                            let (gov, keys, barrier, start) = (&gov, &keys, &barrier, &start);
-                            s.spawn(move || {
-                                barrier.wait();
-                                start.lock().unwrap().get_or_insert_with(Instant::now);
-                                for j in 0..iters as usize {
-                                    let k = if shared { &keys[0] } else { &keys[ti * slice + j % slice] };
-                                    black_box(gov.check_key(k).is_ok());
-                                }
-                            });
-                        }
-                    });
-                    start.into_inner().unwrap().map_or(Duration::ZERO, |s| s.elapsed())
-                })
-            });
+            let key = |t: usize, j: usize| {
+                if shared {
+                    &keys[0]
+                } else {
+                    &keys[t * slice + j % slice]
+                }
+            };
+            let ours = |t: usize, j: usize| {
+                black_box(w.check(&Request::new(key(t, j), "", IP)).is_allowed());
+            };
+            let theirs = |t: usize, j: usize| {
+                black_box(gov.check_key(key(t, j)).is_ok());
+            };
+            g.bench_with_input(
+                BenchmarkId::new(format!("ratewarden/{case}"), threads),
+                &threads,
+                |b, &t| b.iter_custom(|iters| timed_threads(t, iters, &ours)),
+            );
+            g.bench_with_input(
+                BenchmarkId::new(format!("governor/{case}"), threads),
+                &threads,
+                |b, &t| b.iter_custom(|iters| timed_threads(t, iters, &theirs)),
+            );
         }
     }
     g.finish();
@@ -333,8 +391,19 @@ fn bench_replay(c: &mut Criterion) {
                 let clock = ManualClock::new();
                 let mut p = Policy::llm_api();
                 p.behavior.enabled = !limits_only;
-                let w = Warden::builder().policy(p).clock(clock.clone()).build().unwrap();
-                let mut r = replay::Replayer::new(&w, clock, replay::Options { verbose_errors: false, ..Default::default() });
+                let w = Warden::builder()
+                    .policy(p)
+                    .clock(clock.clone())
+                    .build()
+                    .unwrap();
+                let mut r = replay::Replayer::new(
+                    &w,
+                    clock,
+                    replay::Options {
+                        verbose_errors: false,
+                        ..Default::default()
+                    },
+                );
                 r.run(text.as_bytes(), std::io::sink()).unwrap().requests
             })
         });

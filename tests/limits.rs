@@ -361,7 +361,7 @@ fn every_config_error_variant_names_its_path() {
     zero(
         &|p| {
             p.api_key
-                    .insert("requests_per_minute".into(), gcra(0, 60, 1)),;
+                .insert("requests_per_minute".into(), gcra(0, 60, 1));
         },
         "api_key.requests_per_minute.rate",
     );
@@ -392,7 +392,7 @@ fn every_config_error_variant_names_its_path() {
     zero(
         &|p| {
             p.api_key
-                    .insert("c".into(), LimitConfig::Concurrency { max: 0 }),;
+                .insert("c".into(), LimitConfig::Concurrency { max: 0 });
         },
         "api_key.c.max",
     );
