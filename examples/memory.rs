@@ -45,13 +45,21 @@ fn measure(policy: Policy, n: usize) -> f64 {
 }
 
 fn main() {
-    println!("{:<12} {:>28} {:>28}", "keys", "classic limits (B/key)", "with behaviour (B/key)");
+    println!(
+        "{:<12} {:>28} {:>28}",
+        "keys", "classic limits (B/key)", "with behaviour (B/key)"
+    );
     for n in [100_000usize, 1_000_000] {
         let mut classic = Policy::llm_api_limits_only();
         classic.table.max_subjects = n + 10;
         let mut full = Policy::llm_api();
         full.table.max_subjects = n + 10;
         // requests(0) keeps every key under its limits; behaviour still records each check.
-        println!("{:<12} {:>28.1} {:>28.1}", n, measure(classic, n), measure(full, n));
+        println!(
+            "{:<12} {:>28.1} {:>28.1}",
+            n,
+            measure(classic, n),
+            measure(full, n)
+        );
     }
 }

@@ -18,7 +18,10 @@ fn main() -> Result<(), ratewarden::ConfigError> {
 
     let office = "198.51.100.23".parse().expect("valid address");
     let home = "2001:db8:aa:1::7".parse().expect("valid address");
-    println!("{:<4} {:<8} {:<26} {:<8} {:<34} headers", "#", "t", "api key", "result", "reason");
+    println!(
+        "{:<4} {:<8} {:<26} {:<8} {:<34} headers",
+        "#", "t", "api key", "result", "reason"
+    );
     let mut n = 0;
     let mut show = |t: &ManualClock, label: &str, req: &Request<'_>, actual_output: u64| {
         n += 1;
@@ -26,7 +29,9 @@ fn main() -> Result<(), ratewarden::ConfigError> {
         let headers = decision
             .headers()
             .into_iter()
-            .filter(|(k, _)| k.starts_with("x-ratelimit-remaining") || *k == "retry-after" || *k == "ratelimit")
+            .filter(|(k, _)| {
+                k.starts_with("x-ratelimit-remaining") || *k == "retry-after" || *k == "ratelimit"
+            })
             .map(|(k, v)| format!("{k}: {v}"))
             .collect::<Vec<_>>()
             .join("; ");

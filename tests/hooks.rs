@@ -8,10 +8,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use ratewarden::{
-    ControlError, Decision, EscalationEvent, Level, ManualClock, Policy, Request, SubjectId, SubjectKind, Warden,
+    ControlError, Decision, EscalationEvent, Level, ManualClock, Policy, Request, SubjectId,
+    SubjectKind, Warden,
 };
 
-fn build(clock: &ManualClock, hooks: Vec<Box<dyn Fn(&EscalationEvent) + Send + Sync>>, capacity: usize) -> Warden {
+fn build(
+    clock: &ManualClock,
+    hooks: Vec<Box<dyn Fn(&EscalationEvent) + Send + Sync>>,
+    capacity: usize,
+) -> Warden {
     let mut b = Warden::builder()
         .policy(Policy::llm_api())
         .clock(clock.clone())
@@ -28,11 +33,18 @@ fn manual_levels_emit_events_with_their_contents() {
     clock.set_millis(5_000);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
-    let w = build(&clock, vec![Box::new(move |e| s2.lock().unwrap().push(e.clone()))], 16);
+    let w = build(
+        &clock,
+        vec![Box::new(move |e| s2.lock().unwrap().push(e.clone()))],
+        16,
+    );
     let key = SubjectId::api_key("sk-1");
-    w.set_level(&key, Level::Challenge, Some(Duration::from_secs(30))).unwrap();
+    w.set_level(&key, Level::Challenge, Some(Duration::from_secs(30)))
+        .unwrap();
     let req = Request::new("sk-1", "org-1", ip("192.0.2.1"));
-    let Decision::Deny(d) = w.check(&req) else { panic!() };
+    let Decision::Deny(d) = w.check(&req) else {
+        panic!()
+    };
     assert_eq!(d.reason(), "behavior:challenge");
     assert_eq!(d.behavior(), Some(Level::Challenge));
     assert_eq!(d.retry_after(), None);
@@ -43,14 +55,23 @@ fn manual_levels_emit_events_with_their_contents() {
     assert_eq!(events, *seen.lock().unwrap());
     assert_eq!(events.len(), 2);
     let e = &events[0];
-    assert_eq!((e.subject_kind, e.subject.as_str()), (SubjectKind::ApiKey, "sk-1"));
-    assert_eq!((e.from, e.to, e.manual, e.shadow, e.at_ms), (Level::Normal, Level::Challenge, true, false, 5_000));
+    assert_eq!(
+        (e.subject_kind, e.subject.as_str()),
+        (SubjectKind::ApiKey, "sk-1")
+    );
+    assert_eq!(
+        (e.from, e.to, e.manual, e.shadow, e.at_ms),
+        (Level::Normal, Level::Challenge, true, false, 5_000)
+    );
     let json = serde_json::to_value(e).unwrap();
     assert_eq!(json["subject_kind"], "api_key");
     assert_eq!(json["to"], "challenge");
     let back: EscalationEvent = serde_json::from_value(json).unwrap();
     assert_eq!(&back, e);
-    assert_eq!((events[1].from, events[1].to), (Level::Challenge, Level::Normal));
+    assert_eq!(
+        (events[1].from, events[1].to),
+        (Level::Challenge, Level::Normal)
+    );
     assert!(w.drain_events().is_empty());
 }
 
@@ -59,10 +80,16 @@ fn manual_level_expires_after_its_ttl_and_block_is_a_denial() {
     let clock = ManualClock::new();
     let w = build(&clock, vec![], 16);
     let org = SubjectId::org("org-x");
-    w.set_level(&org, Level::Block, Some(Duration::from_secs(10))).unwrap();
+    w.set_level(&org, Level::Block, Some(Duration::from_secs(10)))
+        .unwrap();
     let req = Request::new("any-key", "org-x", ip("192.0.2.1"));
-    let Decision::Deny(d) = w.check(&req) else { panic!() };
-    assert_eq!((d.reason(), d.subject_kind()), ("behavior:block", SubjectKind::Org));
+    let Decision::Deny(d) = w.check(&req) else {
+        panic!()
+    };
+    assert_eq!(
+        (d.reason(), d.subject_kind()),
+        ("behavior:block", SubjectKind::Org)
+    );
     assert_eq!(w.stats().denied_behavior, 1);
     clock.advance(Duration::from_secs(10));
     assert!(w.check(&req).is_allowed());
@@ -72,13 +99,17 @@ fn manual_level_expires_after_its_ttl_and_block_is_a_denial() {
 fn throttle_scales_the_subjects_limits() {
     let clock = ManualClock::new();
     let w = build(&clock, vec![], 16);
-    w.set_level(&SubjectId::api_key("slow"), Level::Throttle, None).unwrap();
+    w.set_level(&SubjectId::api_key("slow"), Level::Throttle, None)
+        .unwrap();
     let req = Request::new("slow", "o", ip("192.0.2.1"));
     // Burst 20 at factor 0.25 (each request costs 4): 5 fit.
     let n = (0..20).filter(|_| w.check(&req).is_allowed()).count();
     assert_eq!(n, 5);
     let normal = Request::new("fast", "o2", ip("192.0.3.1"));
-    assert_eq!((0..25).filter(|_| w.check(&normal).is_allowed()).count(), 20);
+    assert_eq!(
+        (0..25).filter(|_| w.check(&normal).is_allowed()).count(),
+        20
+    );
 }
 
 #[test]
@@ -89,19 +120,31 @@ fn exempt_subjects_ignore_computed_levels_but_not_manual_ones() {
     w.set_exempt(&key, true).unwrap();
     assert!(w.inspect(&key).unwrap().exempt);
     w.set_level(&key, Level::Block, None).unwrap();
-    assert!(!w.check(&Request::new("batch", "o", ip("192.0.2.1"))).is_allowed());
+    assert!(!w
+        .check(&Request::new("batch", "o", ip("192.0.2.1")))
+        .is_allowed());
 }
 
 #[test]
 fn cluster_ids_are_checked_and_disabled_behaviour_is_an_error() {
     let clock = ManualClock::new();
     let w = build(&clock, vec![], 16);
-    let bad = SubjectId { kind: SubjectKind::IpCluster, id: "10.0.0.0/16".into() };
-    assert!(matches!(w.set_level(&bad, Level::Block, None), Err(ControlError::BadCluster(_))));
+    let bad = SubjectId {
+        kind: SubjectKind::IpCluster,
+        id: "10.0.0.0/16".into(),
+    };
+    assert!(matches!(
+        w.set_level(&bad, Level::Block, None),
+        Err(ControlError::BadCluster(_))
+    ));
     let good = SubjectId::ip_cluster(ratewarden::IpCluster::new(ip("10.0.0.9"), 24, 48));
     w.set_level(&good, Level::Block, None).unwrap();
-    assert!(!w.check(&Request::new("k", "o", ip("10.0.0.200"))).is_allowed());
-    assert!(w.check(&Request::new("k", "o", ip("10.0.1.1"))).is_allowed());
+    assert!(!w
+        .check(&Request::new("k", "o", ip("10.0.0.200")))
+        .is_allowed());
+    assert!(w
+        .check(&Request::new("k", "o", ip("10.0.1.1")))
+        .is_allowed());
 
     let (lo, _) = warden(Policy::llm_api_limits_only());
     assert_eq!(
@@ -133,7 +176,8 @@ fn a_hook_that_reenters_the_warden_does_not_deadlock() {
         64,
     ));
     let _ = cell.set(w.clone());
-    w.set_level(&SubjectId::api_key("re"), Level::Watch, None).unwrap();
+    w.set_level(&SubjectId::api_key("re"), Level::Watch, None)
+        .unwrap();
     // The hook ran, re-entered, and its own set_level produced a second event.
     assert_eq!(inner_checks.load(Ordering::SeqCst), 2);
     assert_eq!(w.drain_events().len(), 2);
@@ -156,14 +200,20 @@ fn a_panicking_hook_is_disabled_counted_and_the_warden_keeps_serving() {
     );
     let prev = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    for (i, l) in [Level::Watch, Level::Throttle, Level::Watch].into_iter().enumerate() {
-        w.set_level(&SubjectId::api_key(format!("k{i}")), l, None).unwrap();
+    for (i, l) in [Level::Watch, Level::Throttle, Level::Watch]
+        .into_iter()
+        .enumerate()
+    {
+        w.set_level(&SubjectId::api_key(format!("k{i}")), l, None)
+            .unwrap();
     }
     std::panic::set_hook(prev);
     assert_eq!(w.stats().hooks_panicked, 1);
     assert_eq!(good.load(Ordering::SeqCst), 3);
     assert_eq!(w.drain_events().len(), 3);
-    assert!(w.check(&Request::new("k9", "o", ip("192.0.2.1"))).is_allowed());
+    assert!(w
+        .check(&Request::new("k9", "o", ip("192.0.2.1")))
+        .is_allowed());
 }
 
 #[test]
@@ -171,12 +221,14 @@ fn a_full_event_queue_drops_and_counts_without_blocking() {
     let clock = ManualClock::new();
     let w = build(&clock, vec![], 4);
     for i in 0..10 {
-        w.set_level(&SubjectId::api_key(format!("k{i}")), Level::Watch, None).unwrap();
+        w.set_level(&SubjectId::api_key(format!("k{i}")), Level::Watch, None)
+            .unwrap();
     }
     assert_eq!(w.stats().events_dropped, 6);
     let events = w.drain_events();
     assert_eq!(events.len(), 4);
     assert_eq!(events[0].subject, "k0");
-    w.set_level(&SubjectId::api_key("later"), Level::Watch, None).unwrap();
+    w.set_level(&SubjectId::api_key("later"), Level::Watch, None)
+        .unwrap();
     assert_eq!(w.drain_events().len(), 1);
 }
