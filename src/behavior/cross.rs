@@ -1,15 +1,19 @@
 //! The cross-subject index: what links keys and orgs that look unrelated.
 //!
 //! Distillation spread over many keys, orgs and IP clusters stays under every per-subject
-//! limit, but it has to send the same *kind* of prompt everywhere: one template family (or
-//! near SimHashes). This index keeps, per prompt family, the distinct orgs that used it in the
-//! last one to two windows, and the decayed request and output volume. A family is a template
-//! fingerprint, or, for requests without one, each of the four 16-bit bands of the SimHash
-//! (locality-sensitive hashing: near prompts share at least one band). A subject's detectors
-//! ask it about the subject's dominant template, or the bands of its latest SimHash
-//! (`template_spread`).
+//! limit, but it has to send the same *kind* of prompt everywhere: one prompt family (one
+//! template, or several variants of one, filled with ever new content). This index keeps, per
+//! prompt family, the distinct orgs that used it in the last one to two windows, and the decayed
+//! request and output volume. A family is a 16-bit band of a SimHash *centroid* (the majority
+//! SimHash of a key's recent prompts, see `signals.rs`), or, for requests without a SimHash,
+//! a template fingerprint (see [`Families`]). Keys that fill one template family converge on
+//! nearly the same centroid, so they meet in the same bands even when every prompt, and every
+//! template variant, differs. Each request is filed under one band of its key's centroid
+//! (picked by a hash, so a quarter of the traffic per band; [`CrossIndex::stats`] scales the
+//! volumes back up), at the key's mean output per request. A subject's detectors ask about the
+//! four bands of its own centroid and keep the strongest (`template_spread`).
 //!
-//! Bounded memory: a fixed array of `capacity` slots (about 80 bytes each), 8-way
+//! Bounded memory: a fixed array of `capacity` slots (80 bytes each), 8-way
 //! set-associative, split into up to 64 shards behind short `parking_lot` mutexes. A new
 //! family takes an empty or stale slot of its bucket, else the slot with the least decayed
 //! volume, so one-off families churn among themselves while heavy families stay. Buckets are
@@ -18,14 +22,15 @@
 use parking_lot::Mutex;
 
 use super::signals::{decay, mix, Windowed, FOLD_NS};
-use super::{BehaviorParams, Families, Observation};
+#[cfg(test)]
+use super::Families;
+use super::{is_band, BehaviorParams, Observation, BANDS};
 
 /// Slots per bucket.
 const WAYS: usize = 8;
 const MAX_SHARDS: usize = 64;
 const SALT_ORG: u64 = 0xBE54_66CF_34E9_0C6C;
 const SALT_BUCKET: u64 = 0x3F84_D5B5_B547_0917;
-const A_OUT: f32 = 1.0 / 8.0;
 
 /// What the index knows about one prompt family.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -36,6 +41,8 @@ pub(crate) struct FamilyStats {
     pub(crate) req_per_min: f32,
     /// Output tokens per minute (decayed), all subjects together.
     pub(crate) out_per_min: f32,
+    /// Whether the family is a SimHash band (else a template fingerprint).
+    pub(crate) band: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -46,9 +53,7 @@ struct Slot {
     win_ns: u64,
     reqs: f32,
     out: f32,
-    ewma_out: f32,
     used: bool,
-    settled: bool,
     orgs: Windowed<2>,
 }
 
@@ -60,9 +65,7 @@ impl Slot {
         win_ns: 0,
         reqs: 0.0,
         out: 0.0,
-        ewma_out: 0.0,
         used: false,
-        settled: false,
         orgs: Windowed::ZERO,
     };
 
@@ -165,12 +168,14 @@ impl CrossIndex {
         self.shards.len() * (self.bucket_mask as usize + 1) * WAYS
     }
 
+    #[cfg(test)]
     /// Bytes held by the slots.
     pub(crate) fn memory_bytes(&self) -> usize {
         self.capacity() * std::mem::size_of::<Slot>()
             + self.shards.len() * std::mem::size_of::<Mutex<Box<[Slot]>>>()
     }
 
+    #[cfg(test)]
     /// Families currently held (takes every shard lock in turn; for diagnostics).
     pub(crate) fn len(&self) -> usize {
         self.shards
@@ -188,19 +193,13 @@ impl CrossIndex {
         (shard, bucket * WAYS)
     }
 
-    /// Records one request under each of its families (one with a template, four SimHash
-    /// bands without). Called once per check (not per subject). Requests without a template
-    /// fingerprint or SimHash are ignored.
-    pub(crate) fn observe(&self, obs: &Observation) {
+    /// Records one request under `family` (see [`Observation::family_id`]), counting
+    /// `output_tokens` for it (the key's mean output per request: the index never waits for
+    /// the response). Called once per check, not per subject.
+    pub(crate) fn observe(&self, family: u64, obs: &Observation, output_tokens: f32) {
         if !self.enabled {
             return;
         }
-        for &family in obs.families().ids() {
-            self.observe_family(family, obs);
-        }
-    }
-
-    fn observe_family(&self, family: u64, obs: &Observation) {
         let now = obs.now_ns;
         let (shard, start) = self.locate(family);
         let mut guard = self.shards[shard].lock();
@@ -226,40 +225,17 @@ impl CrossIndex {
         };
         let slot = &mut bucket[i];
         slot.advance(now, self.inv_half_life_ns, self.window_ns);
-        if !slot.settled && obs.expected_output_tokens > 0 {
-            slot.ewma_out = obs.expected_output_tokens as f32;
-        }
         slot.reqs += 1.0;
-        slot.out += slot.ewma_out;
+        if output_tokens.is_finite() && output_tokens > 0.0 {
+            slot.out += output_tokens;
+        }
         slot.orgs.insert(mix(obs.org_hash, self.seed ^ SALT_ORG));
         slot.last_ns = now;
     }
 
-    /// Records the actual output of a finished response under its families (see
-    /// [`Observation::families`]). Unknown families are ignored.
-    pub(crate) fn settle(&self, families: &Families, output_tokens: u64) {
-        if !self.enabled {
-            return;
-        }
-        let x = output_tokens as f32;
-        for &family in families.ids() {
-            let (shard, start) = self.locate(family);
-            let mut guard = self.shards[shard].lock();
-            let found = guard[start..start + WAYS]
-                .iter_mut()
-                .find(|s| s.used && s.family == family);
-            if let Some(slot) = found {
-                if slot.settled {
-                    slot.ewma_out += (x - slot.ewma_out) * A_OUT;
-                } else {
-                    slot.ewma_out = x;
-                    slot.settled = true;
-                }
-            }
-        }
-    }
-
-    /// What the index knows about `family` as of `now_ns`.
+    /// What the index knows about `family` as of `now_ns`. Volumes of a SimHash band are
+    /// scaled by the four bands a request is sampled among; `orgs` is not (an org with very
+    /// few requests may be missing from some bands, which is the weight it deserves).
     pub(crate) fn stats(&self, family: u64, now_ns: u64) -> Option<FamilyStats> {
         if !self.enabled {
             return None;
@@ -270,11 +246,17 @@ impl CrossIndex {
             .iter_mut()
             .find(|s| s.used && s.family == family)?;
         slot.advance(now_ns, self.inv_half_life_ns, self.window_ns);
-        let f = decay(now_ns.saturating_sub(slot.fold_ns), self.inv_half_life_ns) * self.per_min;
+        let mut f =
+            decay(now_ns.saturating_sub(slot.fold_ns), self.inv_half_life_ns) * self.per_min;
+        if is_band(family) {
+            // A band is filed for one request in four of its family.
+            f *= BANDS as f32;
+        }
         Some(FamilyStats {
             orgs: slot.orgs.distinct(),
             req_per_min: slot.reqs * f,
             out_per_min: slot.out * f,
+            band: is_band(family),
         })
     }
 
@@ -329,10 +311,9 @@ mod tests {
         // 40 orgs, one request each per second for 15 minutes, 1000 tokens each.
         for t in 0..900_u64 {
             for org in 0..40_u64 {
-                x.observe(&obs(t * S, 77, org));
-                x.settle(&Families::of(Some(77), None), 1000);
+                x.observe(77, &obs(t * S, 77, org), 1000.0);
             }
-            x.observe(&obs(t * S, 88, 1));
+            x.observe(88, &obs(t * S, 88, 1), f32::NAN);
         }
         let s = x.stats(77, 900 * S).unwrap();
         assert!((s.orgs - 40.0).abs() < 8.0, "{s:?}");
@@ -350,11 +331,11 @@ mod tests {
         let (x, _) = index(64);
         assert_eq!(x.capacity(), 64);
         for t in 0..200_u64 {
-            x.observe(&obs(t * S / 10, 1, 1));
+            x.observe(1, &obs(t * S / 10, 1, 1), 100.0);
         }
         // A flood of one-off families.
         for i in 0..100_000_u64 {
-            x.observe(&obs(20 * S + i, 1_000_000 + i, i));
+            x.observe(1_000_000 + i, &obs(20 * S + i, 1_000_000 + i, i), 100.0);
         }
         assert!(x.len() <= 64);
         assert!(x.stats(1, 21 * S).is_some(), "heavy family was evicted");
@@ -372,24 +353,47 @@ mod tests {
     #[test]
     fn stale_slots_are_freed() {
         let (x, _) = index(64);
-        x.observe(&obs(0, 5, 1));
+        x.observe(5, &obs(0, 5, 1), 0.0);
         assert_eq!(x.maintain(10 * S), 0);
         assert_eq!(x.maintain(3600 * S), 1);
         assert_eq!(x.len(), 0);
     }
 
     #[test]
-    fn simhash_bands_are_the_families_without_template() {
-        let (x, _) = index(64);
+    fn one_band_per_request_scaled_back_up() {
+        let (x, _) = index(4096);
+        let centroid = 0xABCD_0123_4567_89EF_u64;
+        // 10 orgs, one request each per second for 15 minutes, 500 tokens each, every
+        // request filed under one band of the shared centroid.
+        for t in 0..900_u64 {
+            for org in 0..10_u64 {
+                let o = Observation {
+                    now_ns: t * S + org,
+                    prompt_fp: Some(t * 100 + org),
+                    prompt_simhash: Some(t.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                    template_fp: Some(org),
+                    org_hash: org,
+                    key_hash: org,
+                    ..Observation::default()
+                };
+                let id = o.family_id(Some(centroid), false).unwrap();
+                assert!(Families::bands(centroid).ids().contains(&id));
+                x.observe(id, &o, 500.0);
+            }
+        }
+        for &id in Families::bands(centroid).ids() {
+            let s = x.stats(id, 900 * S).unwrap();
+            // 600 requests per minute in all, a quarter filed per band, scaled back.
+            assert!((s.req_per_min - 600.0).abs() < 90.0, "{s:?}");
+            assert!((s.out_per_min - 300_000.0).abs() < 45_000.0, "{s:?}");
+            assert!((s.orgs - 10.0).abs() < 2.0, "{s:?}");
+        }
+        // Without SimHashes the template is the family; without either, none.
         let o = Observation {
-            prompt_simhash: Some(0xABCD_0000_0000_1234),
+            template_fp: Some(5),
             ..Observation::default()
         };
-        x.observe(&o);
-        for &id in o.families().ids() {
-            assert!(x.stats(id, 0).is_some());
-        }
-        x.observe(&Observation::default());
-        assert_eq!(x.len(), 4);
+        assert_eq!(o.family_id(None, false), Some(5));
+        assert_eq!(Observation::default().family_id(None, false), None);
     }
 }

@@ -20,6 +20,16 @@
 //! irregular); `key_fanout`, `key_churn` and `propagation` to orgs and IP clusters only; the
 //! rest to all kinds, with `output_volume` counting only family-concentrated output for orgs
 //! and clusters.
+//!
+//! A *prompt family* is what one template, or a few variants of one, filled with ever new
+//! content, looks like: the subject's dominant template fingerprint, or the prompts within
+//! `near_bits` of its SimHash centroid (see `signals.rs`), whichever holds more of its
+//! requests. Concentration on a family feeds `template_sweep` and the group `output_volume`;
+//! the cross index links the subjects of one family (`template_spread`).
+//!
+//! Pinned-at-limit evidence is not counted while the subject itself is throttled or denied by
+//! this layer (the pressure is then of the layer's own making), and a subject that keeps its
+//! throttle-strength score for `levels.promote_after_s` is challenged (`escalate.rs`).
 
 use std::borrow::Cow;
 
@@ -388,30 +398,57 @@ pub(crate) fn assess(
         );
     }
 
-    // Network: one key, many IP clusters.
+    // Network: one key, many IP clusters. A key that changes cluster on (nearly) every
+    // request reaches full strength as soon as it used more than `min_clusters`: at a few
+    // requests per minute, waiting for `full_clusters` would take many minutes.
     if key {
         let i = &d.ip_spread;
+        let full = (i.full_share * f64::from(v.window_requests))
+            .min(i.full_clusters)
+            .max(i.min_clusters + 1.0);
         a.set(
             DetectorId::IpSpread,
-            ramp(v.peers, i.min_clusters, i.full_clusters),
+            ramp(v.peers, i.min_clusters, full),
             v.peers,
-            i.full_clusters as f32,
+            full as f32,
         );
     }
 
-    // Population: the subject's family is harvested by many orgs, each drawing a lot. With
-    // several candidate families (SimHash bands), the strongest counts.
+    // Population: the subject's family is harvested by many orgs, each drawing a lot. Of the
+    // four SimHash bands of the subject's centroid, the *second* strongest counts: a real
+    // family member shares most bands with the family's other keys, while a chance match of
+    // one 16-bit band (one in 16,000 per hot band) is not enough. The dominant template is one
+    // family of its own. Each counts only if the subject is mostly in it.
     let t = &d.template_spread;
-    if v.family_share >= t.min_subject_share as f32 && v.window_requests >= t.min_subject_requests {
+    if v.window_requests >= t.min_subject_requests {
+        let min_share = t.min_subject_share as f32;
+        let (mut best, mut second, mut template) = ((0.0_f32, 0.0), (0.0_f32, 0.0), (0.0, 0.0));
         for f in families {
             let per_org = f.out_per_min / f.orgs.max(1.0);
             let s = ramp(f.orgs, t.min_orgs, t.full_orgs)
                 * ramp(f.out_per_min, t.min_tokens_per_min, t.full_tokens_per_min)
                 * ramp(per_org, t.min_tokens_per_org, t.full_tokens_per_org);
-            if s >= a.findings[DetectorId::TemplateSpread.idx()].strength {
-                a.set(DetectorId::TemplateSpread, s, f.orgs, t.full_orgs as f32);
+            if !f.band {
+                template = (s, f.orgs);
+            } else if s >= best.0 {
+                second = best;
+                best = (s, f.orgs);
+            } else if s >= second.0 {
+                second = (s, f.orgs);
             }
         }
+        if v.family_share < min_share {
+            second = (0.0, 0.0);
+        }
+        if v.template_family_share < min_share {
+            template = (0.0, 0.0);
+        }
+        let (s, orgs) = if template.0 > second.0 {
+            template
+        } else {
+            second
+        };
+        a.set(DetectorId::TemplateSpread, s, orgs, t.full_orgs as f32);
     }
 
     // Population: many keys, fresh keys (orgs and clusters).
@@ -540,8 +577,9 @@ mod tests {
             distinct_prompts: 400.0,
             templates: 1.0,
             template_share: 1.0,
-            probe: Families::of(Some(5), None),
+            probe: Families::template(5),
             family_share: 1.0,
+            template_family_share: 1.0,
             concentration: 1.0,
             recent_families: Some(1.0),
             peers: 1.0,
@@ -640,32 +678,61 @@ mod tests {
             out_per_min: 3000.0,
             ..sweeping_key()
         };
-        // Distillation: 100 orgs, 300k tokens/min on the family.
+        // Distillation: 100 orgs, 300k tokens/min on the family (its template).
         let hot = FamilyStats {
             orgs: 100.0,
             req_per_min: 300.0,
             out_per_min: 300_000.0,
+            band: false,
         };
         // Homework: 300 orgs, 30k tokens/min: 100 per org.
         let homework = FamilyStats {
             orgs: 300.0,
             req_per_min: 100.0,
             out_per_min: 30_000.0,
+            band: false,
         };
-        let a = assess(SubjectKind::ApiKey, &v, &[hot], &p);
-        assert_eq!(a.findings[DetectorId::TemplateSpread.idx()].strength, 1.0);
-        let a = assess(SubjectKind::ApiKey, &v, &[homework], &p);
-        assert_eq!(a.findings[DetectorId::TemplateSpread.idx()].strength, 0.0);
-        // Of several candidate families (SimHash bands), the strongest counts.
-        let a = assess(SubjectKind::ApiKey, &v, &[homework, hot, homework], &p);
-        assert_eq!(a.findings[DetectorId::TemplateSpread.idx()].strength, 1.0);
-        // A subject that is not mostly in the family is not linked to it.
-        let v = SignalView {
+        let spread = |v: &SignalView, f: &[FamilyStats]| {
+            assess(SubjectKind::ApiKey, v, f, &p).findings[DetectorId::TemplateSpread.idx()]
+                .strength
+        };
+        assert_eq!(spread(&v, &[hot]), 1.0);
+        assert_eq!(spread(&v, &[homework]), 0.0);
+        // Of the four bands of a SimHash centroid, the second strongest counts: a family
+        // member shares several bands with the family, a chance match only one.
+        let (hot_band, homework_band) = (
+            FamilyStats { band: true, ..hot },
+            FamilyStats {
+                band: true,
+                ..homework
+            },
+        );
+        let v_bands = SignalView {
+            probe: Families::bands(0x0123_4567_89AB_CDEF),
+            ..v
+        };
+        assert_eq!(spread(&v_bands, &[hot_band, homework_band, hot_band]), 1.0);
+        assert_eq!(
+            spread(&v_bands, &[homework_band, hot_band, homework_band]),
+            0.0
+        );
+        assert_eq!(spread(&v_bands, &[hot_band]), 0.0);
+        // A band chance match does not hide a hot template; the stronger of the two counts.
+        assert_eq!(spread(&v, &[homework_band, hot_band, hot]), 1.0);
+        // A subject that is not mostly in the family is not linked to it: each family is gated
+        // by the subject's own share in it.
+        let off_centroid = SignalView {
             family_share: 0.3,
             ..v
         };
-        let a = assess(SubjectKind::ApiKey, &v, &[hot], &p);
-        assert_eq!(a.findings[DetectorId::TemplateSpread.idx()].strength, 0.0);
+        assert_eq!(spread(&off_centroid, &[hot_band, hot_band]), 0.0);
+        assert_eq!(spread(&off_centroid, &[hot]), 1.0);
+        let off_template = SignalView {
+            template_family_share: 0.3,
+            ..v
+        };
+        assert_eq!(spread(&off_template, &[hot]), 0.0);
+        assert_eq!(spread(&off_template, &[hot_band, hot_band]), 1.0);
     }
 
     #[test]

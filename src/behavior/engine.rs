@@ -8,8 +8,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::{
-    BehaviorParams, BehaviorPolicy, CrossIndex, Families, Level, Observation, SubjectBehavior,
-    Transition,
+    BehaviorParams, BehaviorPolicy, CrossIndex, Level, Observation, SubjectBehavior, Transition,
 };
 use crate::hooks::{EscalationEvent, EscalationHook, EventQueue, HookRunner};
 use crate::policy::ConfigError;
@@ -206,22 +205,31 @@ impl Engine {
             denied_by_limit: denied,
         };
         let p = &rt.params;
-        rt.cross.observe(&obs);
         let mut pending = Pending::default();
         let mut key_levels = None;
+        // The first tracked subject (the key, unless keys are not tracked) files the request
+        // in the cross index under a band of its SimHash centroid, at its mean output.
+        let mut filed = false;
         for (i, e) in subjects.iter().enumerate() {
             let Some(b) = e.and_then(|e| e.behavior.as_deref()) else {
                 continue;
             };
             obs.pressure = pressure[i];
-            let (change, levels) = b.with(now, |s| {
+            let (change, levels, file) = b.with(now, |s| {
                 if let Some((rep, enf)) = key_levels {
                     s.child_escalated(hashes[0], rep, enf, now, p);
                 }
                 s.observe(&obs, p);
+                let file = (!filed).then(|| (s.family_of(&obs), s.mean_output()));
                 let t = s.evaluate(now, p, &rt.cross);
-                (t, (s.reported_level(now), s.level(now)))
+                (t, (s.reported_level(now), s.level(now)), file)
             });
+            if let Some((family, output)) = file {
+                filed = true;
+                if let Some(family) = family {
+                    rt.cross.observe(family, &obs, output);
+                }
+            }
             if i == 0 && levels.0.max(levels.1) >= Level::Throttle {
                 key_levels = Some(levels);
             }
@@ -235,17 +243,17 @@ impl Engine {
         slot.with(now, |s| s.settle(output_tokens));
     }
 
-    /// Records the output on the request's prompt families.
+    /// Nothing to do: the cross index counts each request's output at check time, from its
+    /// key's settled mean output (the family a request was filed under depends on its key's
+    /// centroid at check time, which the permit does not keep). Kept so that permits can
+    /// call it unconditionally; the warden may drop the call and the permit's `families`.
+    #[inline]
     pub(crate) fn settle_cross(
-        rt: &BehaviorRt,
-        template_fp: Option<u64>,
-        simhash: Option<u64>,
-        output: u64,
+        _rt: &BehaviorRt,
+        _template_fp: Option<u64>,
+        _simhash: Option<u64>,
+        _output: u64,
     ) {
-        let f = Families::of(template_fp, simhash);
-        if !f.ids().is_empty() {
-            rt.cross.settle(&f, output);
-        }
     }
 
     /// Turns pending changes into events: queued and handed to the hooks. Call with no lock

@@ -4,7 +4,8 @@
 //! enabled detector, the *enforced* one leaves out detectors in shadow mode (and is held at
 //! `normal` in global shadow mode). Going up is immediate, to the highest level whose `up`
 //! threshold the score reaches; levels above `watch` also need evidence from
-//! `min_evidence_classes` independent classes. Going down is one level at a time, only once
+//! `min_evidence_classes` independent classes, and a subject that is still scored at throttle
+//! strength `levels.promote_after_s` after it was throttled goes on to `challenge`. Going down is one level at a time, only once
 //! the score is below that level's `down` threshold *and* the subject has spent the level's
 //! cool-down there. When a subject was idle for a long time, several steps can happen in one
 //! evaluation: each step is dated at the earliest time it could have happened.
@@ -208,6 +209,16 @@ impl LevelMachine {
         }
         if !input.gate && target > Level::Watch {
             target = Level::Watch;
+        }
+        // Promotion: a subject still scoring at throttle strength after `promote_after_s` at
+        // throttle did not change its behaviour under the throttle (which does not slow a
+        // subject far below its limits at all): challenge it.
+        if self.level == Level::Throttle
+            && target == Level::Throttle
+            && p.promote_ns > 0
+            && now_ns.saturating_sub(self.since_ns) >= p.promote_ns
+        {
+            target = Level::Challenge;
         }
         let target = target.max(input.floor).min(input.cap);
         if target > self.level {
@@ -446,6 +457,38 @@ mod tests {
         // and below throttle.up: no re-entry needed either.
         assert_eq!(m.step(input(0.9), 100_001 * S, &p), Some(Level::Throttle));
         assert_eq!(m.level(), Level::Watch);
+    }
+
+    #[test]
+    fn sustained_throttle_is_promoted_to_challenge() {
+        let p = params();
+        let mut m = LevelMachine::new(0);
+        m.step(input(1.6), 0, &p);
+        assert_eq!(m.level(), Level::Throttle);
+        // Still at throttle strength, but not for promote_after_s (600 s) yet.
+        assert_eq!(m.step(input(1.6), 599 * S, &p), None);
+        // Score fell below throttle.up meanwhile: no promotion.
+        assert_eq!(m.step(input(1.2), 700 * S, &p), None);
+        assert_eq!(m.level(), Level::Throttle);
+        // Back at throttle strength after 600 s at throttle: challenged.
+        assert_eq!(m.step(input(1.6), 701 * S, &p), Some(Level::Throttle));
+        assert_eq!(m.level(), Level::Challenge);
+        // Without the evidence gate, no promotion; `0` disables it.
+        let mut m = LevelMachine::new(0);
+        m.step(input(1.6), 0, &p);
+        let gated = StepInput {
+            gate: false,
+            ..input(1.6)
+        };
+        assert_eq!(m.step(gated, 1000 * S, &p), None);
+        assert_eq!(m.level(), Level::Throttle);
+        let mut policy = crate::behavior::BehaviorPolicy::default();
+        policy.levels.promote_after_s = 0;
+        let p0 = BehaviorParams::new(&policy, "behavior").unwrap();
+        let mut m = LevelMachine::new(0);
+        m.step(input(1.6), 0, &p0);
+        assert_eq!(m.step(input(1.6), 100_000 * S, &p0), None);
+        assert_eq!(m.level(), Level::Throttle);
     }
 
     #[test]

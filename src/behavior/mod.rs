@@ -12,9 +12,11 @@
 //! Per check, with the clock read once (the test-only `scenarios` module does exactly this):
 //! 1. peek the classic limits, then build one [`Observation`] for the request; copy it per
 //!    subject with that subject's own `pressure`;
-//! 2. `cross.observe(&obs)` once;
-//! 3. key first, under its short mutex: `observe(&obs, params)`, then
-//!    `evaluate(now, params, &cross)`; if its `reported_level` is then `throttle` or higher,
+//! 2. key first, under its short mutex: `observe(&obs, params)`, then
+//!    `evaluate(now, params, &cross)`; read its `family_of(&obs)` and `mean_output()` and,
+//!    after releasing its lock, file the request once in the cross index:
+//!    `cross.observe(family, &obs, mean_output)`;
+//! 3. if the key's `reported_level` is `throttle` or higher,
 //!    call `child_escalated` on its org and cluster (cheap; repeating it on every such check
 //!    keeps the propagated level alive, calling it only on transitions lets it lapse after
 //!    `propagation.window_s`);
@@ -24,21 +26,23 @@
 //!    lock;
 //! 6. decide with `level(now)` of each subject: `challenge`/`block` deny, `throttle` scales that
 //!    subject's limits by `throttle_factor` (`BehaviorParams::throttle_factor`);
-//! 7. on `Permit::settle`, call `settle(output_tokens)` on the three subjects and
-//!    `cross.settle(&families, output_tokens)` with the request's [`Observation::families`].
+//! 7. on `Permit::settle`, call `settle(output_tokens)` on the three subjects (the cross index
+//!    needs nothing: it counted the key's mean output at check time).
 //!
 //! # Cost
 //!
-//! `observe` is O(1), allocation-free and lock-free: a dozen float adds, a few bit sets, two
-//! compares for housekeeping (a decay fold with one `exp2` at most once per second, and a
-//! window rotation at most once per window). `evaluate` returns after two compares unless
-//! `evaluate_every_ms` passed since the subject's last evaluation; a full evaluation reads the
-//! sketches, queries the cross index once, and allocates only when the level changes (the
-//! reasons of the [`Transition`]). Measured with the ignored test `observe_cost` (release,
-//! best of five, on a shared and busy 2-core VM, so ranges over several runs): `observe`
-//! 24–36 ns, `observe` + the usual early-return `evaluate` 26–42 ns, one full evaluation
-//! 150–250 ns, `CrossIndex::observe` 14–31 ns per family (one family with a template, four
-//! SimHash bands without).
+//! `observe` is O(1), allocation-free and lock-free: a dozen float adds, a few bit sets, a
+//! dozen word operations for the SimHash centroid vote, two compares for housekeeping (a
+//! decay fold with one `exp2` at most once per second, and a window rotation at most once per
+//! window). `evaluate` returns after two compares unless `evaluate_every_ms` passed since the
+//! subject's last evaluation; a full evaluation reads the sketches, looks up at most five
+//! families in the cross index (the centroid's four bands and the dominant template), and
+//! allocates only when the level changes (the reasons of the [`Transition`]). Each check
+//! files its request under exactly one family (`CrossIndex::observe`, one shard lock).
+//! Measured with the ignored test `observe_cost` (release, best of five, on a shared and busy
+//! 2-core VM, so ranges over several runs): `observe` 24–40 ns, `observe` + the usual
+//! early-return `evaluate` 28–47 ns, one full evaluation 180–250 ns, `CrossIndex::observe`
+//! 22–30 ns.
 //!
 //! # Memory
 //!
@@ -115,34 +119,61 @@ pub(crate) struct Observation {
     pub(crate) denied_by_limit: bool,
 }
 
-/// Tag that keeps SimHash-band family ids apart from template fingerprints.
+/// Tag (in the top 16 bits) that keeps SimHash-band family ids apart from template
+/// fingerprints.
 const BAND_TAG: u64 = 0x5AD0_0000_0000_0000;
 
-/// The prompt-family ids of one request, as the [`CrossIndex`] files them: its template
-/// fingerprint, or, without one, the four 16-bit bands of its SimHash (LSH: two SimHashes at
-/// most 3 bits apart share a band, fills of one template a few bits apart usually do).
+/// SimHash bands per family: four of 16 bits.
+pub(crate) const BANDS: usize = 4;
+
+/// Prompt-family ids, as the [`CrossIndex`] knows them. A *family* is either a band of a
+/// SimHash centroid (LSH: two 64-bit SimHashes a few bits apart agree on most of their four
+/// 16-bit bands) or an exact template fingerprint.
+///
+/// A request is filed under **one** family id ([`Observation::family_id`]), chosen by its key:
+/// its template fingerprint when the key is more concentrated on its dominant template than on
+/// its SimHash centroid (one system prompt over diverse content), else one band of the key's
+/// centroid (template variants and fillings alike), picked by a hash of the request so that
+/// each of the four bands sees about a quarter of the family's traffic (the index scales band
+/// statistics back up). A subject looks up the four bands of its own centroid and its dominant
+/// template ([`Families::probe`]). Filing one id instead of five keeps the per-check cost at one
+/// index update.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Families {
-    ids: [u64; 4],
+    ids: [u64; BANDS + 1],
     len: u8,
 }
 
 impl Families {
-    /// Families of a request with these features. The warden can keep the two features in
-    /// the permit and rebuild this for [`CrossIndex::settle`].
+    #[cfg(test)]
+    /// The family of an exact template fingerprint.
     #[inline]
-    pub(crate) fn of(template_fp: Option<u64>, prompt_simhash: Option<u64>) -> Self {
-        match (template_fp, prompt_simhash) {
-            (Some(t), _) => Self {
-                ids: [t, 0, 0, 0],
-                len: 1,
-            },
-            (None, Some(s)) => Self {
-                ids: [0, 1, 2, 3].map(|i: u64| BAND_TAG ^ (i << 16) ^ ((s >> (16 * i)) & 0xFFFF)),
-                len: 4,
-            },
-            (None, None) => Self::default(),
+    pub(crate) fn template(template_fp: u64) -> Self {
+        Self::probe(None, Some(template_fp))
+    }
+
+    #[cfg(test)]
+    /// The four band families of a SimHash.
+    #[inline]
+    pub(crate) fn bands(simhash: u64) -> Self {
+        Self::probe(Some(simhash), None)
+    }
+
+    /// The bands of a centroid (if any), then a template (if any).
+    #[inline]
+    pub(crate) fn probe(centroid: Option<u64>, template_fp: Option<u64>) -> Self {
+        let mut f = Self::default();
+        if let Some(c) = centroid {
+            for i in 0..BANDS as u32 {
+                f.ids[usize::from(f.len)] = band(c, i);
+                f.len += 1;
+            }
         }
+        if let Some(t) = template_fp {
+            f.ids[usize::from(f.len)] = t;
+            f.len += 1;
+        }
+        f
     }
 
     /// The ids.
@@ -152,11 +183,41 @@ impl Families {
     }
 }
 
+/// Band `i` (`0..4`) of a SimHash as a family id.
+#[inline]
+pub(crate) fn band(simhash: u64, i: u32) -> u64 {
+    let i = u64::from(i % BANDS as u32);
+    BAND_TAG ^ (i << 16) ^ ((simhash >> (16 * i)) & 0xFFFF)
+}
+
+/// Whether a family id is a SimHash band (sampled one in four, see [`Families`]).
+#[inline]
+pub(crate) fn is_band(id: u64) -> bool {
+    id & 0xFFFF_0000_0000_0000 == BAND_TAG
+}
+
 impl Observation {
-    /// The request's prompt families (see [`Families`]).
+    /// The one family this request is filed under in the [`CrossIndex`]: its template
+    /// fingerprint when `by_template` (its key is concentrated on its dominant template rather
+    /// than on its SimHash centroid) and it has one; else a band of `centroid` (the key's
+    /// SimHash centroid, else the prompt's own SimHash), picked by a hash of the request; else
+    /// its template; else none.
     #[inline]
-    pub(crate) fn families(&self) -> Families {
-        Families::of(self.template_fp, self.prompt_simhash)
+    pub(crate) fn family_id(&self, centroid: Option<u64>, by_template: bool) -> Option<u64> {
+        if by_template {
+            if let Some(t) = self.template_fp {
+                return Some(t);
+            }
+        }
+        match (centroid.or(self.prompt_simhash), self.template_fp) {
+            (Some(c), _) => {
+                let h = (self.now_ns ^ self.prompt_fp.unwrap_or(0) ^ self.key_hash)
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                Some(band(c, (h >> 62) as u32))
+            }
+            (None, Some(t)) => Some(t),
+            (None, None) => None,
+        }
     }
 }
 
@@ -190,6 +251,7 @@ pub(crate) struct BehaviorParams {
     pub(crate) down: [f32; 5],
     pub(crate) cooldown_ns: [u64; 5],
     pub(crate) grace_ns: u64,
+    pub(crate) promote_ns: u64,
     pub(crate) throttle_factor: f32,
     pub(crate) detectors: [DetectorParams; DETECTORS],
 }
@@ -280,6 +342,7 @@ impl BehaviorParams {
             down: rules.map(|r| r.down as f32),
             cooldown_ns: rules.map(|r| r.cooldown_s.saturating_mul(NS_PER_S)),
             grace_ns: l.challenge_grace_s.saturating_mul(NS_PER_S),
+            promote_ns: l.promote_after_s.saturating_mul(NS_PER_S),
             throttle_factor: policy.throttle_factor as f32,
             detectors,
             policy: policy.clone(),
@@ -331,7 +394,7 @@ pub(crate) struct SubjectBehavior {
 const _: () = assert!(SubjectBehavior::SIZE <= 512);
 
 impl SubjectBehavior {
-    /// Bytes of one subject's behavioural state, for every kind (480); no
+    /// Bytes of one subject's behavioural state, for every kind (504); no
     /// heap is used.
     pub(crate) const SIZE: usize = std::mem::size_of::<SubjectBehavior>();
 
@@ -346,16 +409,21 @@ impl SubjectBehavior {
         }
     }
 
+    #[cfg(test)]
     /// The kind given at construction.
     pub(crate) const fn kind(&self) -> SubjectKind {
         self.kind
     }
 
     /// Records one check of a request involving this subject, allowed or refused. O(1), no
-    /// allocation, no lock.
+    /// allocation, no lock. While the subject is itself enforced at `throttle` or higher, its
+    /// requests do not count as pinned: pressure against limits that the layer itself cut (or
+    /// a denial it issued) is no evidence about the subject, and counting it would let a
+    /// throttle escalate itself.
     #[inline]
     pub(crate) fn observe(&mut self, obs: &Observation, p: &BehaviorParams) {
-        self.signals.observe(self.kind, obs, p);
+        let restrained = self.escalation.level(obs.now_ns) >= Level::Throttle;
+        self.signals.observe(self.kind, obs, !restrained, p);
     }
 
     /// Records the actual output tokens of a finished response.
@@ -455,7 +523,7 @@ impl SubjectBehavior {
         cross: &CrossIndex,
     ) -> detect::Assessment {
         let view = self.signals.view(now_ns, p);
-        let mut stats = [FamilyStats::default(); 4];
+        let mut stats = [FamilyStats::default(); BANDS + 1];
         let mut found = 0;
         if p.detectors[DetectorId::TemplateSpread.idx()].enabled {
             for &id in view.probe.ids() {
@@ -564,6 +632,20 @@ impl SubjectBehavior {
         }
     }
 
+    /// The family this (key) subject files `obs` under in the cross index: see
+    /// [`Observation::family_id`]. Call after `observe`.
+    #[inline]
+    pub(crate) fn family_of(&self, obs: &Observation) -> Option<u64> {
+        obs.family_id(self.signals.centroid(), self.signals.by_template())
+    }
+
+    /// Mean output tokens per request (settled; the host's estimate before the first settle).
+    #[inline]
+    pub(crate) fn mean_output(&self) -> f32 {
+        self.signals.mean_output()
+    }
+
+    #[cfg(test)]
     /// Time of the last observed request (for idle eviction).
     pub(crate) const fn last_seen_ns(&self) -> u64 {
         self.signals.last_ns()
@@ -631,8 +713,8 @@ mod tests {
                 cluster_hash: 3,
                 ..Observation::default()
             };
-            cross.observe(&obs);
             sb.observe(&obs, p);
+            cross.observe(sb.family_of(&obs).unwrap(), &obs, sb.mean_output());
             sb.settle(1000);
             out.extend(sb.evaluate(t, p, cross));
             t += gap;
@@ -644,10 +726,10 @@ mod tests {
     #[test]
     fn size_per_subject() {
         println!("SubjectBehavior: {} bytes", SubjectBehavior::SIZE);
-        // No pointer-sized fields, so the same on 32-bit targets; the docs state 480.
+        // No pointer-sized fields, so the same on 32-bit targets; the docs state 504.
         assert_eq!(
             SubjectBehavior::SIZE,
-            480,
+            504,
             "update the docs when this changes"
         );
         // Same type for every kind, so the same size.
@@ -658,32 +740,66 @@ mod tests {
     }
 
     #[test]
-    fn families_prefer_template_else_simhash_bands() {
+    fn families_are_centroid_bands_else_template() {
+        let sim = 0xABCD_0000_1234_0001_u64;
+        let bands = Families::bands(sim);
+        assert_eq!(bands.ids().len(), 4);
+        assert_eq!(bands.ids()[0], BAND_TAG ^ 0x0001);
+        assert_eq!(bands.ids()[3], BAND_TAG ^ (3 << 16) ^ 0xABCD);
+        assert!(bands.ids().iter().all(|&id| is_band(id)));
+        assert_eq!(Families::template(5).ids(), [5]);
+        assert!(!is_band(5));
+        // Two SimHashes 3 bits apart share at least one band.
+        let near = Families::bands(sim ^ 0x0001_0001_0001_0000);
+        assert!(near.ids().iter().any(|id| bands.ids().contains(id)));
+        // A request is filed under one band of the centroid it is given (else of its own
+        // SimHash), whatever its template; without SimHash under its template.
         let o = Observation {
             template_fp: Some(5),
             prompt_simhash: Some(u64::MAX),
             ..Observation::default()
         };
-        assert_eq!(o.families().ids(), [5]);
-        let o = Observation {
-            prompt_simhash: Some(0xABCD_0000_1234_0001),
-            ..Observation::default()
-        };
-        let bands = o.families();
-        assert_eq!(bands.ids().len(), 4);
-        assert_eq!(bands.ids()[0], BAND_TAG ^ 0x0001);
-        assert_eq!(bands.ids()[3], BAND_TAG ^ (3 << 16) ^ 0xABCD);
-        // Two SimHashes 3 bits apart share at least one band.
-        let near = Observation {
-            prompt_simhash: Some(0xABCD_0000_1234_0001 ^ 0x0001_0001_0001_0000),
-            ..Observation::default()
-        };
-        assert!(near
-            .families()
+        assert!(bands
             .ids()
-            .iter()
-            .any(|id| bands.ids().contains(id)));
-        assert!(Observation::default().families().ids().is_empty());
+            .contains(&o.family_id(Some(sim), false).unwrap()));
+        assert!(Families::bands(u64::MAX)
+            .ids()
+            .contains(&o.family_id(None, false).unwrap()));
+        let o = Observation {
+            template_fp: Some(5),
+            ..Observation::default()
+        };
+        assert_eq!(o.family_id(None, false), Some(5));
+        assert!(Observation::default().family_id(None, false).is_none());
+        // A key concentrated on its template files under the template when there is one.
+        let o = Observation {
+            template_fp: Some(5),
+            prompt_simhash: Some(u64::MAX),
+            ..Observation::default()
+        };
+        assert_eq!(o.family_id(Some(sim), true), Some(5));
+        let o = Observation {
+            prompt_simhash: Some(u64::MAX),
+            ..Observation::default()
+        };
+        assert!(is_band(o.family_id(Some(sim), true).unwrap()));
+        assert_eq!(
+            Families::probe(Some(sim), Some(5)).ids(),
+            [bands.ids(), &[5]].concat()
+        );
+        // The band picked varies with the request, so each band sees a share of the family.
+        let picked: std::collections::HashSet<u64> = (0..64_u64)
+            .map(|i| {
+                Observation {
+                    now_ns: i * 1_000_003,
+                    prompt_fp: Some(i),
+                    ..Observation::default()
+                }
+                .family_id(Some(sim), false)
+                .unwrap()
+            })
+            .collect();
+        assert_eq!(picked.len(), 4);
     }
 
     #[test]
@@ -907,7 +1023,9 @@ mod tests {
                 },
                 denied_by_limit: rnd() % 7 == 0,
             };
-            cross.observe(&obs);
+            if let Some(f) = obs.family_id(None, false) {
+                cross.observe(f, &obs, 500.0);
+            }
             let s = &mut subjects[(rnd() % 3) as usize];
             match rnd() % 20 {
                 0 => s.settle(big(rnd())),
@@ -927,7 +1045,11 @@ mod tests {
                     now,
                     &p,
                 ),
-                6 => cross.settle(&obs.families(), big(rnd())),
+                6 => {
+                    if let Some(f) = s.family_of(&obs) {
+                        cross.observe(f, &obs, s.mean_output());
+                    }
+                }
                 7 => {
                     cross.maintain(now);
                 }
@@ -947,8 +1069,10 @@ mod tests {
             if s.manual(now).is_none() && !s.is_exempt() {
                 assert!(s.level(now) <= Level::Block);
             }
-            for &id in obs.families().ids() {
-                let _ = cross.stats(id, now);
+            if let Some(c) = obs.prompt_simhash {
+                for &id in Families::bands(c).ids() {
+                    let _ = cross.stats(id, now);
+                }
             }
         }
         assert!(cross.len() <= cross.capacity());
@@ -1036,8 +1160,10 @@ mod tests {
             for i in 0..n {
                 clock += 1000;
                 obs.now_ns = clock;
-                obs.template_fp = Some(i % 256);
-                cross.observe(std::hint::black_box(&obs));
+                let f = obs
+                    .family_id(Some((i % 256).wrapping_mul(0x9E37_79B9_7F4A_7C15)), false)
+                    .unwrap_or(0);
+                cross.observe(f, std::hint::black_box(&obs), 500.0);
             }
             n
         });

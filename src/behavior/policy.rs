@@ -39,8 +39,10 @@ pub struct BehaviorPolicy {
     /// Default `false`.
     pub shadow: bool,
     /// Share of its classic limits that a throttled subject keeps. Default `0.25`: a quarter
-    /// cuts a sustained extractor's yield by three quarters while a benign subject that was
-    /// throttled by mistake can still work.
+    /// cuts the yield of an extractor running at its limits by three quarters while a benign
+    /// subject that was throttled by mistake can still work. It does not slow a subject that
+    /// runs far below its limits (a key among many, at a few requests per minute); such a
+    /// subject is challenged once the evidence persists (`levels.promote_after_s`).
     pub throttle_factor: f64,
     /// A subject is re-evaluated at most this often (milliseconds of its own traffic).
     /// Default `1000`: detection latency is dominated by signal build-up (minutes), so one
@@ -62,9 +64,11 @@ pub struct BehaviorPolicy {
     /// below that a share or a coefficient of variation is noise, and one human session
     /// rarely has more.
     pub min_requests: u32,
-    /// Two prompt SimHashes at most this many bits apart count as near (same family).
-    /// Default `16`: unrelated 64-bit SimHashes differ in 32 ± 4 bits, so 16 or fewer
-    /// happens by chance about once in 20,000 pairs.
+    /// A prompt whose SimHash is at most this many bits from the subject's SimHash centroid
+    /// (the majority of its recent prompts) belongs to the subject's prompt family; the
+    /// same distance clusters the recent prompts for breadth. Default `16`: unrelated 64-bit
+    /// SimHashes differ in 32 ± 4 bits, so 16 or fewer happens by chance about once in 20,000
+    /// pairs, while fillings of one template, or of variants of it, sit a few bits apart.
     pub near_bits: u32,
     /// Score thresholds, hysteresis and cool-downs of the levels.
     pub levels: LevelsPolicy,
@@ -112,7 +116,8 @@ pub struct LevelRule {
 ///
 /// Levels go up at once to the highest level whose `up` the score reaches, and come down one
 /// level at a time: only when the score is below that level's `down` and the subject has spent
-/// `cooldown_s` at the level.
+/// `cooldown_s` at the level. A subject still at throttle strength `promote_after_s` after it
+/// was throttled goes on to `challenge`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LevelsPolicy {
@@ -147,6 +152,12 @@ pub struct LevelsPolicy {
     /// long, so that a re-verified subject is not re-challenged on its very next request.
     /// Default `900` (15 minutes).
     pub challenge_grace_s: u64,
+    /// A subject that has been at `throttle` for this long (seconds) and still scores at
+    /// least `throttle.up` (with the evidence gate met) is promoted to `challenge`; `0`
+    /// never promotes. Default `600` (the throttle cool-down): throttling scales limits, so it
+    /// cannot slow a subject that extracts far below them (many keys, each a few requests per
+    /// minute); ten minutes of unchanged evidence under throttle means it did not work.
+    pub promote_after_s: u64,
 }
 
 impl Default for LevelsPolicy {
@@ -176,6 +187,7 @@ impl Default for LevelsPolicy {
             require_volume: true,
             fire_strength: 0.5,
             challenge_grace_s: 900,
+            promote_after_s: 600,
         }
     }
 }
@@ -209,8 +221,10 @@ pub struct DetectorsPolicy {
 
 /// `output_volume`: the output tokens a subject obtains per minute, counted only for output
 /// that is new (distinct prompts) and large relative to the input. For an org or IP cluster,
-/// which aggregate many independent users, only the volume concentrated on its dominant
-/// prompt family counts, and only as far as each active key draws a lot of it.
+/// which aggregate many independent users, only the volume concentrated on its prompt family
+/// counts (its output rate times the share of its requests in the family, measured as for
+/// `template_sweep`: many keys filling variants of one template make one family, unrelated
+/// services of one enterprise do not), and only as far as each active key draws a lot of it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutputVolumePolicy {
@@ -332,10 +346,12 @@ impl Default for LogprobHarvestPolicy {
     }
 }
 
-/// `template_sweep`: most requests share one prompt family (template fingerprint, or close
-/// SimHashes when no template is supplied) while nearly every prompt is distinct: a template
-/// filled from a list. Legitimate batch jobs look like this too, which is why it is coverage
-/// evidence only and never throttles alone.
+/// `template_sweep`: most requests share one prompt family while nearly every prompt is
+/// distinct: a template (or a few variants of one) filled from a list. The share in the family
+/// is the larger of the dominant template fingerprint's share (when most requests carry one)
+/// and the share of prompts within `near_bits` of the subject's SimHash centroid, so that a
+/// sweep over several variants of one template counts as one family. Legitimate batch jobs
+/// look like this too, which is why it is coverage evidence only and never throttles alone.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TemplateSweepPolicy {
@@ -429,6 +445,12 @@ pub struct IpSpreadPolicy {
     pub min_clusters: f64,
     /// Distinct clusters for full strength. Default `10`.
     pub full_clusters: f64,
+    /// Full strength also when the distinct clusters reach this share of the key's requests
+    /// in the window (but at least `min_clusters + 1` clusters). Default `0.9`: a key that
+    /// comes from a new network on nine requests in ten is a rotated proxy pool, whatever
+    /// its rate, and at a few requests per minute `full_clusters` would take many minutes;
+    /// a person's few requests come from their one or two usual places.
+    pub full_share: f64,
 }
 
 impl Default for IpSpreadPolicy {
@@ -439,14 +461,18 @@ impl Default for IpSpreadPolicy {
             weight: 1.0,
             min_clusters: 4.0,
             full_clusters: 10.0,
+            full_share: 0.9,
         }
     }
 }
 
-/// `template_spread` (the cross-subject signal): the subject's dominant prompt family is, in
-/// the global [`CrossPolicy`] index, used by many distinct orgs, with a high output volume in
-/// total *and per org*. Homework templates or a popular framework's system prompt reach many
-/// orgs too, but each org draws little output from them.
+/// `template_spread` (the cross-subject signal): the subject's prompt family is, in the global
+/// [`CrossPolicy`] index, used by many distinct orgs, with a high output volume in total *and
+/// per org*. Homework templates or a popular framework's system prompt reach many orgs too, but
+/// each org draws little output from them. The family is the subject's SimHash centroid, looked
+/// up as four 16-bit bands of which the *second* strongest counts (a family member shares most
+/// bands with the family's other keys; one band matching by chance is not enough), or without
+/// SimHashes its dominant template fingerprint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TemplateSpreadPolicy {
@@ -469,11 +495,15 @@ pub struct TemplateSpreadPolicy {
     /// Per-org output per minute for full strength. Default `2000`: more than a person
     /// sustains, what a script at a few requests per minute draws.
     pub full_tokens_per_org: f64,
-    /// The subject's own share of requests in that family must be at least this. Default `0.5`.
+    /// The subject's own share of requests in that family (prompts near its centroid, or its
+    /// dominant template's share) must be at least this. Default `0.5`.
     pub min_subject_share: f64,
     /// The subject must have made at least this many requests in the window before it is
-    /// linked to its family. Default `8`: one request from a hot family says nothing about the
-    /// residential address it came from.
+    /// linked to its family. Default `4`: four prompts place a key's centroid in its family
+    /// (chance matches are kept out by the second-band rule and the share), so a key at one
+    /// request a minute is linked within minutes; one request from a hot family says nothing
+    /// about the residential address it came from, and a /24 that proxy-rotated keys pass
+    /// through rarely sees four of their requests in a window.
     pub min_subject_requests: u32,
 }
 
@@ -490,7 +520,7 @@ impl Default for TemplateSpreadPolicy {
             min_tokens_per_org: 500.0,
             full_tokens_per_org: 2_000.0,
             min_subject_share: 0.5,
-            min_subject_requests: 8,
+            min_subject_requests: 4,
         }
     }
 }
@@ -681,9 +711,9 @@ impl Default for PropagationPolicy {
     }
 }
 
-/// The global cross-subject index of prompt families (template fingerprint, else a SimHash
-/// band): distinct orgs, request and output volume per family, over the rate half-life and the
-/// sketch window.
+/// The global cross-subject index of prompt families (a 16-bit band of the requesting key's
+/// SimHash centroid, else a template fingerprint): distinct orgs, request and output volume per
+/// family, over the rate half-life and the sketch window. One index update per check.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CrossPolicy {
@@ -993,6 +1023,7 @@ impl DetectorsPolicy {
             "full_clusters",
             d.full_clusters,
         )?;
+        unit(&p, "full_share", d.full_share)?;
 
         let d = &self.template_spread;
         let p = format!("{path}.template_spread");

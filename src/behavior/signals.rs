@@ -8,7 +8,8 @@
 //! | output/input ratio | EWMAs of input and (settled) output tokens |
 //! | distinct-prompt ratio | 2 × 512-bit bitmap of prompt fingerprints + counts |
 //! | distinct templates; dominant template and its share | 2 × 64-bit bitmap; one-counter Misra–Gries |
-//! | near-duplicate share (consecutive SimHashes within `near_bits`) | decayed sums |
+//! | prompt family: majority SimHash (the *centroid*) of recent prompts | 3 × 64-bit bit-sliced saturating counters |
+//! | family share (prompts within `near_bits` of the centroid) | decayed sums |
 //! | prompt breadth without templates | ring of the last 8 SimHashes, clustered at evaluation |
 //! | key: distinct IP clusters; org/cluster: distinct keys and new keys | 2 × 128-bit bitmap |
 //! | inter-arrival regularity (coefficient of variation) | EW Welford mean and variance |
@@ -32,6 +33,20 @@
 //! Bit positions come from the caller's 64-bit hashes mixed with a per-process secret seed,
 //! so clients cannot craft fingerprints that collide on purpose.
 //!
+//! # The prompt family: a majority-vote SimHash
+//!
+//! A SimHash is the sign of a sum of feature hashes, so the SimHashes of prompts filled into
+//! one template (or into several variants of one template) scatter by a few bits around the
+//! template's own SimHash. The bitwise majority of a subject's recent SimHashes recovers that
+//! centre: each bit is a 3-bit saturating up/down counter (0–7, the centroid bit is set at 4
+//! or more), kept bit-sliced in three words, so one update is a dozen word operations for all
+//! 64 bits. Two keys harvesting the same family converge on (nearly) the same centroid, however
+//! many template variants and fillings they use, which is what lets the [`CrossIndex`] link
+//! them (see `cross.rs`). A bit that one template variant in three flips is wrong about 6% of
+//! the time, so centroids of one family agree on most 16-bit bands.
+//!
+//! [`CrossIndex`]: super::CrossIndex
+//!
 //! Everything saturates: counters are `f32` (no overflow), counts `saturating_add`, and a
 //! clock that goes backwards gives zero elapsed time and re-anchors the reference times, so
 //! nothing stalls until it catches up.
@@ -50,8 +65,10 @@ const PROMPT_FILL: u32 = 768;
 /// (under 7% zero bits); the two windows are then counted apart and added.
 const PROMPT_UNION_MAX: f32 = 1400.0;
 
-/// EWMA weights.
-const A_TOKENS: f32 = 1.0 / 8.0;
+/// EWMA weights. Tokens: 1/32, so that the output/input ratio of a service whose token counts
+/// are lognormal (sigma 0.7–0.9) wanders by about ±15% rather than ±35% (at 1/8), while a
+/// change of behaviour shows within a few dozen requests.
+const A_TOKENS: f32 = 1.0 / 32.0;
 const A_GAP: f32 = 1.0 / 16.0;
 /// Weight of one evaluation in the smoothed SimHash breadth.
 const A_BREADTH: f32 = 1.0 / 4.0;
@@ -114,6 +131,28 @@ pub(crate) fn linear_count(ones: u32, bits: u32) -> f32 {
     } else {
         m * (m / zeros).ln()
     }
+}
+
+/// One majority vote: every bit-sliced 3-bit counter of `c` moves one step towards the bit of
+/// `sim` (up where it is set, down where it is clear), saturating at 0 and 7.
+#[inline]
+pub(crate) fn vote(c: [u64; 3], sim: u64) -> [u64; 3] {
+    let [mut c0, mut c1, mut c2] = c;
+    let up = sim & !(c0 & c1 & c2);
+    let down = !sim & (c0 | c1 | c2);
+    // Increment where `up`: ripple the carry.
+    let carry1 = c0 & up;
+    c0 ^= up;
+    let carry2 = c1 & carry1;
+    c1 ^= carry1;
+    c2 ^= carry2;
+    // Decrement where `down` (disjoint from `up`): ripple the borrow.
+    let borrow1 = !c0 & down;
+    c0 ^= down;
+    let borrow2 = !c1 & borrow1;
+    c1 ^= borrow1;
+    c2 ^= borrow2;
+    [c0, c1, c2]
 }
 
 /// A bitmap of `64 * W` bits for linear counting; `W` is a power of two.
@@ -227,7 +266,7 @@ fn rotate_counts(counts: &mut [u32; 2], windows: u64) {
     }
 }
 
-/// The per-subject signal state (about 400 bytes; see `SubjectBehavior::SIZE`).
+/// The per-subject signal state (most of `SubjectBehavior::SIZE`).
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Signals {
     /// Earliest time any housekeeping (fold, window rotation) is due.
@@ -238,6 +277,9 @@ pub(crate) struct Signals {
     kids_win_ns: u64,
     last_ns: u64,
     top_template: u64,
+    /// Bit-sliced 3-bit saturating counters of the SimHash bits (`cen[k]` holds bit `k` of
+    /// every counter); the centroid is `cen[2]`.
+    cen: [u64; 3],
     /// The last `RECENT` prompt SimHashes, a ring.
     recent: [u64; RECENT],
 
@@ -249,7 +291,8 @@ pub(crate) struct Signals {
     template_reqs: f32,
     top_hits: f32,
     top_weight: f32,
-    sim_pairs: f32,
+    /// Requests with a SimHash, and those within `near_bits` of the centroid.
+    sim_reqs: f32,
     near: f32,
 
     // EWMAs.
@@ -303,15 +346,17 @@ pub(crate) struct SignalView {
     pub(crate) templates: f32,
     /// Share of requests that carry a template fingerprint.
     pub(crate) template_share: f32,
-    /// Families to look up in the cross index: the dominant template when most requests
-    /// carry one, else the SimHash bands of the latest prompt.
+    /// Families to look up in the cross index: the four bands of the SimHash centroid, and
+    /// the dominant template when most requests carry one.
     pub(crate) probe: Families,
-    /// Share of the subject's requests in that family: the dominant template's share of all
-    /// requests, else `concentration`.
+    /// Share of all the subject's requests within `near_bits` of its SimHash centroid.
     pub(crate) family_share: f32,
-    /// Concentration on one family: the dominant template's share of templated requests when
-    /// most requests carry a template, else the share of consecutive prompts that are near
-    /// (SimHash).
+    /// Share of all the subject's requests with its dominant template (0 unless most
+    /// requests carry a template).
+    pub(crate) template_family_share: f32,
+    /// Concentration on one family: the larger of the dominant template's share of
+    /// templated requests (when most requests carry a template) and the share of prompts
+    /// within `near_bits` of the SimHash centroid.
     pub(crate) concentration: f32,
     /// Distinct SimHash clusters among the last 8 prompts, smoothed over evaluations.
     pub(crate) recent_families: Option<f32>,
@@ -337,6 +382,7 @@ impl Signals {
             kids_win_ns: now_ns,
             last_ns: now_ns,
             top_template: 0,
+            cen: [0; 3],
             recent: [0; RECENT],
             reqs: 0.0,
             logprobs: 0.0,
@@ -345,7 +391,7 @@ impl Signals {
             template_reqs: 0.0,
             top_hits: 0.0,
             top_weight: 0.0,
-            sim_pairs: 0.0,
+            sim_reqs: 0.0,
             near: 0.0,
             ewma_out: 0.0,
             ewma_in: 0.0,
@@ -366,6 +412,7 @@ impl Signals {
         }
     }
 
+    #[cfg(test)]
     /// Time of the last observed request (as the clock read then, even if it went backwards).
     pub(crate) const fn last_ns(&self) -> u64 {
         self.last_ns
@@ -420,13 +467,21 @@ impl Signals {
         self.template_reqs *= f;
         self.top_hits *= f;
         self.top_weight *= f;
-        self.sim_pairs *= f;
+        self.sim_reqs *= f;
         self.near *= f;
     }
 
     /// Records one request. O(1), no allocation.
     #[inline]
-    pub(crate) fn observe(&mut self, kind: SubjectKind, obs: &Observation, p: &BehaviorParams) {
+    /// `pinned_counts: false` leaves the request out of the pinned share (see
+    /// `SubjectBehavior::observe`).
+    pub(crate) fn observe(
+        &mut self,
+        kind: SubjectKind,
+        obs: &Observation,
+        pinned_counts: bool,
+        p: &BehaviorParams,
+    ) {
         let now = obs.now_ns;
         self.advance(now, p);
 
@@ -435,7 +490,7 @@ impl Signals {
         if obs.logprobs {
             self.logprobs += 1.0;
         }
-        if obs.denied_by_limit || obs.pressure >= p.pinned_pressure {
+        if pinned_counts && (obs.denied_by_limit || obs.pressure >= p.pinned_pressure) {
             self.pinned += 1.0;
         }
 
@@ -472,12 +527,15 @@ impl Signals {
         self.last_ns = now;
 
         if let Some(sim) = obs.prompt_simhash {
-            if self.flags & F_SIMHASH != 0 {
-                let d = (sim ^ self.last_simhash()).count_ones();
-                self.sim_pairs += 1.0;
-                if d <= p.near_bits {
+            if self.flags & F_SIMHASH == 0 {
+                // Counters start at the middle (3 or 4), on the first prompt's side.
+                self.cen = [!sim, !sim, sim];
+            } else {
+                self.sim_reqs += 1.0;
+                if (sim ^ self.cen[2]).count_ones() <= p.near_bits {
                     self.near += 1.0;
                 }
+                self.cen = vote(self.cen, sim);
             }
             self.recent[usize::from(self.recent_head) % RECENT] = sim;
             self.recent_head = ((usize::from(self.recent_head) + 1) % RECENT) as u8;
@@ -523,10 +581,36 @@ impl Signals {
         self.peers.insert(mix(peer, p.seed ^ SALT_PEER));
     }
 
-    /// The latest prompt SimHash (0 before the first).
+    /// The majority SimHash of the recent prompts (see the module docs), once a prompt
+    /// SimHash was seen.
     #[inline]
-    fn last_simhash(&self) -> u64 {
-        self.recent[(usize::from(self.recent_head) + RECENT - 1) % RECENT]
+    pub(crate) fn centroid(&self) -> Option<u64> {
+        (self.flags & F_SIMHASH != 0).then_some(self.cen[2])
+    }
+
+    /// Whether the subject is more concentrated on its dominant template than on its SimHash
+    /// centroid (most requests carry a template): one system prompt over diverse content. Its
+    /// requests are then filed under their template in the cross index, else under a band of
+    /// the centroid.
+    #[inline]
+    pub(crate) fn by_template(&self) -> bool {
+        if self.template_reqs * 2.0 < self.reqs || self.top_weight <= 0.0 {
+            return false;
+        }
+        let tc = self.top_hits / self.template_reqs.max(1e-3);
+        let sc = if self.sim_reqs > 0.5 {
+            self.near / self.sim_reqs
+        } else {
+            0.0
+        };
+        tc > sc
+    }
+
+    /// The subject's mean output tokens per request so far (the host's estimate until the
+    /// first settle).
+    #[inline]
+    pub(crate) fn mean_output(&self) -> f32 {
+        self.ewma_out
     }
 
     /// Distinct SimHash clusters (greedy: a prompt further than `near_bits` from every
@@ -608,22 +692,31 @@ impl Signals {
         } else {
             0.0
         };
-        let near_share =
-            (self.sim_pairs > 0.5).then(|| (self.near / self.sim_pairs).clamp(0.0, 1.0));
         let template_share = share(self.template_reqs);
         let templated = template_share >= 0.5;
-        let concentration = if templated {
-            top_of_templates
+        // Two views of "one family": the dominant exact template (when most requests carry
+        // one), and the prompts near the SimHash centroid (template variants and fillings
+        // alike). The subject is as concentrated as the stronger of the two says.
+        let (tc, t_share) = if templated {
+            (top_of_templates, share(self.top_hits))
         } else {
-            near_share.unwrap_or(0.0)
+            (0.0, 0.0)
         };
-        let probe = if templated && self.top_weight > 0.0 {
-            Families::of(Some(self.top_template), None)
-        } else if self.flags & F_SIMHASH != 0 {
-            Families::of(None, Some(self.last_simhash()))
+        let (sc, s_share) = if self.sim_reqs > 0.5 {
+            (
+                (self.near / self.sim_reqs).clamp(0.0, 1.0),
+                share(self.near),
+            )
         } else {
-            Families::default()
+            (0.0, 0.0)
         };
+        let concentration = tc.max(sc);
+        // The families looked up in the cross index: the bands of the centroid and the
+        // dominant template, each with the subject's share in it.
+        let probe = Families::probe(
+            self.centroid(),
+            (templated && self.top_weight > 0.0).then_some(self.top_template),
+        );
         // Smoothed over evaluations: eight prompts are a small sample.
         if let Some(c) = self.recent_clusters(p.near_bits) {
             if self.flags & F_BREADTH == 0 {
@@ -656,11 +749,8 @@ impl Signals {
             templates: self.templates.distinct(),
             template_share,
             probe,
-            family_share: if templated {
-                share(self.top_hits)
-            } else {
-                concentration
-            },
+            family_share: s_share,
+            template_family_share: t_share,
             concentration,
             recent_families: (self.flags & F_BREADTH != 0).then_some(self.breadth),
             peers: self.peers.distinct(),
@@ -740,7 +830,7 @@ mod tests {
             let mut o = obs(i * S);
             o.expected_output_tokens = 500;
             o.logprobs = i % 2 == 0;
-            s.observe(SubjectKind::ApiKey, &o, &p);
+            s.observe(SubjectKind::ApiKey, &o, true, &p);
             s.settle(500);
         }
         let v = s.view(1200 * S, &p);
@@ -764,10 +854,10 @@ mod tests {
             let mut o = obs(i * S);
             o.prompt_fp = Some(42);
             o.template_fp = Some(7);
-            dup.observe(SubjectKind::ApiKey, &o, &p);
+            dup.observe(SubjectKind::ApiKey, &o, true, &p);
             o.prompt_fp = Some(i.wrapping_mul(0x9E37_79B9));
             o.prompt_simhash = Some(0xF0F0_F0F0_0000_0000 ^ (1 << (i % 5)));
-            sweep.observe(SubjectKind::ApiKey, &o, &p);
+            sweep.observe(SubjectKind::ApiKey, &o, true, &p);
         }
         let d = dup.view(300 * S, &p);
         let w = sweep.view(300 * S, &p);
@@ -776,7 +866,94 @@ mod tests {
         assert!(w.concentration > 0.95 && w.family_share > 0.95, "{w:?}");
         assert!((w.templates - 1.0).abs() < 0.01);
         assert_eq!(w.recent_families, Some(1.0));
-        assert_eq!(w.probe, Families::of(Some(7), None));
+        assert_eq!(
+            w.probe,
+            Families::probe(Some(0xF0F0_F0F0_0000_0000), Some(7))
+        );
+        assert!(!w.probe.ids()[..4].contains(&7));
+        // One template, SimHashes a few bits apart: the centroid is at least as concentrated.
+        assert!(!sweep.by_template());
+        assert_eq!(sweep.centroid(), Some(0xF0F0_F0F0_0000_0000));
+        // Without SimHashes the dominant template is the probe.
+        assert_eq!(d.probe, Families::template(7));
+    }
+
+    #[test]
+    fn vote_counts_saturate_both_ways() {
+        let value = |c: [u64; 3], bit: u32| (0..3).map(|k| ((c[k] >> bit) & 1) << k).sum::<u64>();
+        let s = 0b1010_u64;
+        let mut c = [!s, !s, s];
+        assert_eq!((value(c, 1), value(c, 0)), (4, 3));
+        for _ in 0..10 {
+            c = vote(c, s);
+        }
+        assert_eq!(
+            (value(c, 1), value(c, 3), value(c, 0), value(c, 2)),
+            (7, 7, 0, 0)
+        );
+        assert_eq!(c[2] & 0xF, s);
+        for step in 1..=7_u64 {
+            c = vote(c, !s);
+            assert_eq!(value(c, 1), 7 - step);
+            assert_eq!(value(c, 0), step.min(7));
+        }
+        c = vote(c, !s);
+        assert_eq!((value(c, 1), value(c, 0)), (0, 7));
+        assert_eq!(c[2] & 0xF, !s & 0xF);
+    }
+
+    #[test]
+    fn keys_of_one_template_family_share_centroid_bands() {
+        // A family: a base SimHash, five template variants a few bits off it, each filled
+        // with prompts a few more bits off. Every key picks variants at random.
+        let p = params();
+        let mut rng = 0x1234_5678_u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let flip = |x: u64, r: &mut dyn FnMut() -> u64, k: u32| {
+            let mut m = 0_u64;
+            while m.count_ones() < k {
+                m |= 1 << (r() % 64);
+            }
+            x ^ m
+        };
+        let base = 0x0123_4567_89AB_CDEF_u64;
+        let variants: Vec<u64> = (0..5).map(|i| flip(base, &mut next, 1 + i % 4)).collect();
+        let mut agree = 0;
+        for key in 0..20_u64 {
+            let mut s = Signals::new(0);
+            for i in 0..200_u64 {
+                let mut o = obs(i * S);
+                let v = variants[(next() % 5) as usize];
+                let k = 1 + (next() % 4) as u32;
+                o.prompt_simhash = Some(flip(v, &mut next, k));
+                o.prompt_fp = Some(next());
+                s.observe(SubjectKind::ApiKey, &o, true, &p);
+            }
+            let c = s.centroid().unwrap();
+            assert!((c ^ base).count_ones() <= 4, "key {key}: {:x}", c ^ base);
+            let shared = Families::bands(c)
+                .ids()
+                .iter()
+                .filter(|id| Families::bands(base).ids().contains(id))
+                .count();
+            agree += usize::from(shared >= 2);
+            let v = s.view(200 * S, &p);
+            assert!(v.concentration > 0.9 && v.family_share > 0.9, "{v:?}");
+        }
+        assert!(agree >= 18, "{agree}");
+        // Unrelated prompts: no concentration.
+        let mut s = Signals::new(0);
+        for i in 0..200_u64 {
+            let mut o = obs(i * S);
+            o.prompt_simhash = Some(next());
+            s.observe(SubjectKind::ApiKey, &o, true, &p);
+        }
+        assert!(s.view(200 * S, &p).concentration < 0.1);
     }
 
     #[test]
@@ -788,8 +965,8 @@ mod tests {
             let mut o = obs(i * S);
             o.cluster_hash = i; // a new cluster every request
             o.key_hash = i % 5;
-            key.observe(SubjectKind::ApiKey, &o, &p);
-            org.observe(SubjectKind::Org, &o, &p);
+            key.observe(SubjectKind::ApiKey, &o, true, &p);
+            org.observe(SubjectKind::Org, &o, true, &p);
         }
         let peers = key.view(50 * S, &p).peers;
         assert!((peers - 50.0).abs() < 10.0, "{peers}");
@@ -801,7 +978,7 @@ mod tests {
         let p = params();
         let mut s = Signals::new(1000 * S);
         for t in [1000 * S, 10, 0, 2000 * S, 5 * S] {
-            s.observe(SubjectKind::ApiKey, &obs(t), &p);
+            s.observe(SubjectKind::ApiKey, &obs(t), true, &p);
         }
         let v = s.view(0, &p);
         assert!(v.req_per_min.is_finite() && v.req_per_min >= 0.0);
@@ -809,11 +986,11 @@ mod tests {
         assert_eq!(s.last_ns(), 5 * S);
         // Far-future reading, then back to normal: windows and decay keep working.
         let mut s = Signals::new(0);
-        s.observe(SubjectKind::ApiKey, &obs(u64::MAX / 2), &p);
+        s.observe(SubjectKind::ApiKey, &obs(u64::MAX / 2), true, &p);
         for i in 0..100_u64 {
             let mut o = obs(i * S);
             o.cluster_hash = i;
-            s.observe(SubjectKind::ApiKey, &o, &p);
+            s.observe(SubjectKind::ApiKey, &o, true, &p);
         }
         let v = s.view(100 * S + 700 * S, &p);
         assert!(v.peers < 1.0, "windows rotated after the jump: {v:?}");
@@ -829,7 +1006,7 @@ mod tests {
             o.input_tokens = u64::MAX;
             o.expected_output_tokens = u64::MAX;
             o.pressure = f32::NAN;
-            s.observe(SubjectKind::Org, &o, &p);
+            s.observe(SubjectKind::Org, &o, true, &p);
             s.settle(u64::MAX);
         }
         let v = s.view(u64::MAX, &p);
