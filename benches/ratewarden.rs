@@ -4,7 +4,6 @@
 //! are comparable. See `benches/README.md` for how to run it and the latest numbers.
 
 #[path = "../examples/support/eval.rs"]
-#[allow(dead_code)]
 mod eval;
 #[path = "../examples/support/replay.rs"]
 mod replay;

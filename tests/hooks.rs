@@ -12,11 +12,9 @@ use ratewarden::{
     SubjectKind, Warden,
 };
 
-fn build(
-    clock: &ManualClock,
-    hooks: Vec<Box<dyn Fn(&EscalationEvent) + Send + Sync>>,
-    capacity: usize,
-) -> Warden {
+type HookFn = Box<dyn Fn(&EscalationEvent) + Send + Sync>;
+
+fn build(clock: &ManualClock, hooks: Vec<HookFn>, capacity: usize) -> Warden {
     let mut b = Warden::builder()
         .policy(Policy::llm_api())
         .clock(clock.clone())

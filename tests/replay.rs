@@ -135,10 +135,8 @@ fn malformed_lines_are_reported_counted_and_keep_their_index() {
 #[test]
 fn lines_going_back_in_time_replay_at_the_last_time_seen() {
     // Burst 20 at t=60 s; a line stamped earlier must not see a refilled bucket.
-    let mut lines = Vec::new();
-    for _ in 0..20 {
-        lines.push(r#"{"ts_ms":60000,"api_key":"k","org":"o","ip":"192.0.2.1","input_tokens":1,"output_tokens":1}"#);
-    }
+    let burst = r#"{"ts_ms":60000,"api_key":"k","org":"o","ip":"192.0.2.1","input_tokens":1,"output_tokens":1}"#;
+    let mut lines = vec![burst; 20];
     lines.push(r#"{"ts_ms":0,"api_key":"k","org":"o","ip":"192.0.2.1","input_tokens":1,"output_tokens":1}"#);
     lines.push(r#"{"ts_ms":60500,"api_key":"k","org":"o","ip":"192.0.2.1","input_tokens":1,"output_tokens":1}"#);
     let (out, s) = replay_text(&lines.join("\n"), Policy::llm_api_limits_only());
