@@ -425,39 +425,48 @@ impl Warden {
             level,
             ..PermitInner::default()
         };
-        let mut best: [Option<(u128, u128, Candidate)>; 2] = [None, None];
+        // The most constrained request and token limits, for headers: kept as indices, and
+        // compared (without dividing) only when a unit has more than one limit.
+        let mut best: [Option<(usize, usize, u64)>; 2] = [None, None];
         for (si, e) in subjects.iter().enumerate() {
             let Some(e) = e else { continue };
             if e.set.needs_handle || e.behavior.is_some() {
                 inner.handles[si] = handles[si];
                 inner.holds_slots |= e.set.holds_slots;
             }
-            for (l, c) in e.set.limits.iter().zip(e.cells()) {
+            for (li, (l, c)) in e.set.limits.iter().zip(e.cells()).enumerate() {
                 let slot = match l.algo.unit() {
                     Unit::Requests => 0,
                     Unit::Tokens => 1,
                     Unit::InFlight => continue,
                 };
                 let state = c.load(Ordering::Relaxed);
-                let (num, den) = headroom(&l.algo, state, now);
-                match best[slot] {
-                    Some((n, d, _)) if num * d >= n * den => {}
-                    _ => {
-                        best[slot] = Some((
-                            num,
-                            den,
-                            Candidate {
-                                algo: l.algo,
-                                state,
-                                name: l.name,
-                            },
-                        ))
+                let tighter = match best[slot] {
+                    None => true,
+                    Some((bs, bl, bstate)) => {
+                        let other = &subjects[bs].expect("kept subject").set.limits[bl].algo;
+                        let (n, d) = headroom(other, bstate, now);
+                        let (num, den) = headroom(&l.algo, state, now);
+                        num * d < n * den
                     }
+                };
+                if tighter {
+                    best[slot] = Some((si, li, state));
                 }
             }
         }
-        inner.req = best[0].map(|b| b.2);
-        inner.tok = best[1].map(|b| b.2);
+        let cand = |b: Option<(usize, usize, u64)>| {
+            b.and_then(|(si, li, state)| {
+                let l = &subjects[si]?.set.limits[li];
+                Some(Candidate {
+                    algo: l.algo,
+                    state,
+                    name: l.name,
+                })
+            })
+        };
+        inner.req = cand(best[0]);
+        inner.tok = cand(best[1]);
         if behave {
             inner.families = (req.template_fp, req.prompt_simhash);
             let pressure = pressures(&subjects, now);
