@@ -27,9 +27,10 @@
 //! requests. Concentration on a family feeds `template_sweep` and the group `output_volume`;
 //! the cross index links the subjects of one family (`template_spread`).
 //!
-//! Pinned-at-limit evidence is not counted while the subject itself is throttled or denied by
-//! this layer (the pressure is then of the layer's own making), and a subject that keeps its
-//! throttle-strength score for `levels.promote_after_s` is challenged (`escalate.rs`).
+//! Pinned-at-limit evidence is not counted while the subject's own enforced level is
+//! `throttle` or higher (the pressure is then of the layer's own making), and a subject that
+//! keeps its throttle-strength score for `levels.promote_after_s` is challenged
+//! (`escalate.rs`).
 
 use std::borrow::Cow;
 

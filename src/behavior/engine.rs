@@ -208,7 +208,8 @@ impl Engine {
         let mut pending = Pending::default();
         let mut key_levels = None;
         // The first tracked subject (the key, unless keys are not tracked) files the request
-        // in the cross index under a band of its SimHash centroid, at its mean output.
+        // in the cross index under its family (a band of its SimHash centroid, or its
+        // template), at its mean output, once its lock is released.
         let mut filed = false;
         for (i, e) in subjects.iter().enumerate() {
             let Some(b) = e.and_then(|e| e.behavior.as_deref()) else {

@@ -5,9 +5,9 @@
 //! `normal` in global shadow mode). Going up is immediate, to the highest level whose `up`
 //! threshold the score reaches; levels above `watch` also need evidence from
 //! `min_evidence_classes` independent classes, and a subject that is still scored at throttle
-//! strength `levels.promote_after_s` after it was throttled goes on to `challenge`. Going down is one level at a time, only once
-//! the score is below that level's `down` threshold *and* the subject has spent the level's
-//! cool-down there. When a subject was idle for a long time, several steps can happen in one
+//! strength `levels.promote_after_s` after it was throttled goes on to `challenge`. Going down
+//! is one level at a time, only once the score is below that level's `down` threshold *and*
+//! the subject has spent the level's cool-down there. When a subject was idle for a long time, several steps can happen in one
 //! evaluation: each step is dated at the earliest time it could have happened.
 
 use std::fmt;

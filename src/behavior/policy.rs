@@ -1193,6 +1193,13 @@ mod tests {
             matches!(err, ConfigError::Invalid { ref path, .. } if path == "b.detectors.pinned.min_share")
         );
 
+        let mut p = BehaviorPolicy::default();
+        p.detectors.ip_spread.full_share = 1.5;
+        let err = p.validate("b").unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Invalid { ref path, .. } if path == "b.detectors.ip_spread.full_share")
+        );
+
         let p = BehaviorPolicy {
             throttle_factor: 0.0,
             ..BehaviorPolicy::default()
