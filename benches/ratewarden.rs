@@ -228,7 +228,7 @@ fn full_policy(behavior: bool) -> Policy {
         set.insert(
             "requests_per_minute".into(),
             LimitConfig::Gcra {
-                rate: 1 << 40,
+                rate: 1 << 30,
                 period: minute,
                 burst: 1 << 30,
             },
@@ -236,7 +236,7 @@ fn full_policy(behavior: bool) -> Policy {
         set.insert(
             "tokens_per_minute".into(),
             LimitConfig::Tokens {
-                tokens: 1 << 50,
+                tokens: 1 << 32,
                 period: minute,
                 burst: None,
             },
