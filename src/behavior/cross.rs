@@ -13,8 +13,10 @@
 //! volumes back up), at the key's mean output per request. A subject's detectors ask about the
 //! four bands of its own centroid and keep the strongest (`template_spread`).
 //!
-//! Bounded memory: a fixed array of `capacity` slots (80 bytes each), 8-way
-//! set-associative, split into up to 64 shards behind short `parking_lot` mutexes. A new
+//! Bounded memory: a fixed array of `capacity` slots (88 bytes each with their tag), 8-way
+//! set-associative (the bucket's eight family ids share one cache line, so a look-up that
+//! finds nothing reads one line), split into up to 64 shards behind short `parking_lot`
+//! mutexes. A new
 //! family takes an empty or stale slot of its bucket, else the slot with the least decayed
 //! volume, so one-off families churn among themselves while heavy families stay. Buckets are
 //! chosen with the per-process secret seed, so clients cannot aim families at one bucket.
@@ -112,12 +114,35 @@ impl Slot {
     }
 }
 
+/// One bucket: the family ids of its slots packed in one cache line, so that looking a family
+/// up (most look-ups of a subject's bands find nothing) reads one line, not eight slots.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+struct Bucket {
+    /// `tags[i]` is `slots[i].family` when the slot is used (a match is confirmed on the slot).
+    tags: [u64; WAYS],
+    slots: [Slot; WAYS],
+}
+
+impl Bucket {
+    const EMPTY: Self = Self {
+        tags: [0; WAYS],
+        slots: [Slot::EMPTY; WAYS],
+    };
+
+    /// The index of `family`'s slot, if the bucket holds it.
+    #[inline]
+    fn find(&self, family: u64) -> Option<usize> {
+        (0..WAYS).find(|&i| self.tags[i] == family && self.slots[i].used)
+    }
+}
+
 /// Global, bounded index of prompt families across all subjects.
 ///
 /// **Concurrency:** every method takes one shard mutex for a few dozen nanoseconds; nothing
 /// else is locked and nothing allocates after construction.
 pub(crate) struct CrossIndex {
-    shards: Box<[Mutex<Box<[Slot]>>]>,
+    shards: Box<[Mutex<Box<[Bucket]>>]>,
     shard_mask: u64,
     bucket_mask: u64,
     enabled: bool,
@@ -147,8 +172,8 @@ impl CrossIndex {
         let buckets = capacity / WAYS;
         let shards = (buckets / 4).clamp(1, MAX_SHARDS);
         let per_shard = buckets / shards;
-        let shard_vec: Vec<Mutex<Box<[Slot]>>> = (0..shards)
-            .map(|_| Mutex::new(vec![Slot::EMPTY; per_shard * WAYS].into_boxed_slice()))
+        let shard_vec: Vec<Mutex<Box<[Bucket]>>> = (0..shards)
+            .map(|_| Mutex::new(vec![Bucket::EMPTY; per_shard].into_boxed_slice()))
             .collect();
         Self {
             shards: shard_vec.into_boxed_slice(),
@@ -171,8 +196,8 @@ impl CrossIndex {
     #[cfg(test)]
     /// Bytes held by the slots.
     pub(crate) fn memory_bytes(&self) -> usize {
-        self.capacity() * std::mem::size_of::<Slot>()
-            + self.shards.len() * std::mem::size_of::<Mutex<Box<[Slot]>>>()
+        self.capacity() / WAYS * std::mem::size_of::<Bucket>()
+            + self.shards.len() * std::mem::size_of::<Mutex<Box<[Bucket]>>>()
     }
 
     #[cfg(test)]
@@ -180,17 +205,22 @@ impl CrossIndex {
     pub(crate) fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().iter().filter(|x| x.used).count())
+            .map(|s| {
+                s.lock()
+                    .iter()
+                    .map(|b| b.slots.iter().filter(|x| x.used).count())
+                    .sum::<usize>()
+            })
             .sum()
     }
 
-    /// Shard and first slot of the family's bucket, from a seeded full-avalanche mix.
+    /// Shard and bucket of the family, from a seeded full-avalanche mix.
     #[inline]
     fn locate(&self, family: u64) -> (usize, usize) {
         let h = mix(family, self.seed ^ SALT_BUCKET);
         let shard = ((h >> 40) & self.shard_mask) as usize;
         let bucket = (h & self.bucket_mask) as usize;
-        (shard, bucket * WAYS)
+        (shard, bucket)
     }
 
     /// Records one request under `family` (see [`Observation::family_id`]), counting
@@ -201,15 +231,15 @@ impl CrossIndex {
             return;
         }
         let now = obs.now_ns;
-        let (shard, start) = self.locate(family);
+        let (shard, b) = self.locate(family);
         let mut guard = self.shards[shard].lock();
-        let bucket = &mut guard[start..start + WAYS];
-        let i = match bucket.iter().position(|s| s.used && s.family == family) {
+        let bucket = &mut guard[b];
+        let i = match bucket.find(family) {
             Some(i) => i,
             None => {
                 let mut victim = 0;
                 let mut least = f32::INFINITY;
-                for (j, s) in bucket.iter().enumerate() {
+                for (j, s) in bucket.slots.iter().enumerate() {
                     let w = s.weight(now, self.inv_half_life_ns, self.stale_ns);
                     if w < least {
                         least = w;
@@ -219,11 +249,12 @@ impl CrossIndex {
                         }
                     }
                 }
-                bucket[victim] = Slot::fresh(family, now);
+                bucket.slots[victim] = Slot::fresh(family, now);
+                bucket.tags[victim] = family;
                 victim
             }
         };
-        let slot = &mut bucket[i];
+        let slot = &mut bucket.slots[i];
         slot.advance(now, self.inv_half_life_ns, self.window_ns);
         slot.reqs += 1.0;
         if output_tokens.is_finite() && output_tokens > 0.0 {
@@ -240,11 +271,11 @@ impl CrossIndex {
         if !self.enabled {
             return None;
         }
-        let (shard, start) = self.locate(family);
+        let (shard, b) = self.locate(family);
         let mut guard = self.shards[shard].lock();
-        let slot = guard[start..start + WAYS]
-            .iter_mut()
-            .find(|s| s.used && s.family == family)?;
+        let bucket = &mut guard[b];
+        let i = bucket.find(family)?;
+        let slot = &mut bucket.slots[i];
         slot.advance(now_ns, self.inv_half_life_ns, self.window_ns);
         let mut f =
             decay(now_ns.saturating_sub(slot.fold_ns), self.inv_half_life_ns) * self.per_min;
@@ -268,7 +299,7 @@ impl CrossIndex {
             let Some(mut guard) = shard.try_lock() else {
                 continue;
             };
-            for s in guard.iter_mut() {
+            for s in guard.iter_mut().flat_map(|b| b.slots.iter_mut()) {
                 if s.used && now_ns.saturating_sub(s.last_ns) >= self.stale_ns {
                     *s = Slot::EMPTY;
                     freed += 1;
@@ -340,14 +371,17 @@ mod tests {
         assert!(x.len() <= 64);
         assert!(x.stats(1, 21 * S).is_some(), "heavy family was evicted");
         assert!(x.memory_bytes() < 64 * 128);
+        // A family's id is in the tag line; a freed or replaced slot is not found by its tag.
+        assert!(x.stats(1_000_000, 21 * S).is_none());
     }
 
     #[test]
     fn slot_size_and_default_memory() {
         assert_eq!(std::mem::size_of::<Slot>(), 80);
+        assert_eq!(std::mem::size_of::<Bucket>(), 8 * 88);
         let (x, _) = index(CrossPolicy::default().capacity);
         assert_eq!(x.capacity(), 4096);
-        assert!(x.memory_bytes() < 330 * 1024, "{}", x.memory_bytes());
+        assert!(x.memory_bytes() < 360 * 1024, "{}", x.memory_bytes());
     }
 
     #[test]

@@ -719,8 +719,8 @@ impl Default for PropagationPolicy {
 pub struct CrossPolicy {
     /// Default `true`.
     pub enabled: bool,
-    /// Families tracked at once (rounded up to a power of two, at least 64). About 80 bytes
-    /// each. Default `4096` (about 320 KiB). When full, the least active family of a bucket
+    /// Families tracked at once (rounded up to a power of two, at least 64). 88 bytes
+    /// each. Default `4096` (about 352 KiB). When full, the least active family of a bucket
     /// is replaced.
     pub capacity: usize,
     /// A family idle this long (seconds) is free for reuse. Default `3600`.
