@@ -60,7 +60,7 @@ impl Warden {
                                 pol.cluster.v6_prefix
                             }
                     })
-                    .map(|c| Handle::Cluster(c.bits()))
+                    .map(|c| Handle::Cluster(crate::warden::split(c.bits())))
                     .ok_or_else(|| ControlError::BadCluster(subject.id.clone()))
             }
             _ => Ok(Handle::Name(self.namer().id(&subject.id))),

@@ -201,7 +201,8 @@ impl Denial {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Handle {
     Name(Id),
-    Cluster(u128),
+    /// An IP cluster by its prefix bits (as two words: no 16-byte alignment in permits).
+    Cluster([u64; 2]),
     Overflow,
 }
 
@@ -219,8 +220,6 @@ pub(crate) struct PermitInner {
     pub(crate) tok: Option<Candidate>,
     /// Some subject has a concurrency limit: dropping must release it.
     pub(crate) holds_slots: bool,
-    /// (template, SimHash) of the request, for the behavioural cross index on settle.
-    pub(crate) families: (Option<u64>, Option<u64>),
     pub(crate) done: bool,
 }
 
@@ -232,7 +231,6 @@ impl PermitInner {
         let now = warden.now();
         let charged = self.input_tokens.saturating_add(self.expected_output);
         let actual = self.input_tokens.saturating_add(actual_output);
-        let mut cross_done = false;
         for (i, h) in self.handles.iter().enumerate() {
             let Some(h) = h else { continue };
             let m = self.mult[i].max(1);
@@ -248,11 +246,6 @@ impl PermitInner {
                 }
                 if let Some(b) = &e.behavior {
                     crate::behavior::Engine::settle(b, actual_output, now);
-                    if !cross_done {
-                        cross_done = true;
-                        let (t, s) = self.families;
-                        crate::behavior::Engine::settle_cross(&e.set.behavior, t, s, actual_output);
-                    }
                 }
             });
         }

@@ -35,30 +35,47 @@ pub(crate) struct Counters {
 impl Default for Counters {
     fn default() -> Self {
         Self {
-            stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
+            stripes: (0..2 * STRIPES).map(|_| Stripe::default()).collect(),
         }
     }
 }
 
-fn stripe_index() -> usize {
+/// This thread's stripe: `(index, owned)`. The first [`STRIPES`] threads to count each own a
+/// stripe for good and bump it with a plain load and store (no locked instruction on the hot
+/// path); later threads share the second set of stripes and bump them atomically. Both are
+/// exact.
+#[inline]
+fn stripe_index() -> (usize, bool) {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
         static IDX: Cell<usize> = const { Cell::new(usize::MAX) };
     }
-    IDX.with(|i| {
+    let v = IDX.with(|i| {
         let mut v = i.get();
         if v == usize::MAX {
-            v = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+            v = NEXT.fetch_add(1, Ordering::Relaxed);
             i.set(v);
         }
         v
-    })
+    });
+    if v < STRIPES {
+        (v, true)
+    } else {
+        (STRIPES + v % STRIPES, false)
+    }
 }
 
 impl Counters {
     #[inline]
     pub(crate) fn bump(&self, c: Counter) {
-        self.stripes[stripe_index()].c[c as usize].fetch_add(1, Ordering::Relaxed);
+        let (i, owned) = stripe_index();
+        let cell = &self.stripes[i].c[c as usize];
+        if owned {
+            // Only this thread ever writes this stripe.
+            cell.store(cell.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        } else {
+            cell.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn sum(&self, c: Counter) -> u64 {

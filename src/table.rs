@@ -2,13 +2,14 @@
 //! limit cells stored inline, a hard cap on tracked subjects, and idle eviction amortised on
 //! caller threads.
 //!
-//! API keys and orgs are not stored as strings. Each name is hashed once per check with two
-//! independently, randomly seeded ahash functions into a 128-bit [`Id`], and the table is
-//! keyed by that id (hashed again by a pass-through hasher, since it is already uniformly
-//! random). A lookup therefore touches the bucket and nothing else: no string comparison, no
-//! pointer chase. Two different names share an id with probability about n²/2¹²⁹ for n names
-//! (≈ 10⁻²⁷ for a million keys); the seeds are random per process, so clients cannot aim for a
-//! collision.
+//! Subjects are not stored by name. Each api key or org name (and each IP cluster's prefix
+//! bits) is hashed once per check with a randomly seeded ahash into a 64-bit [`Id`], and the
+//! table is keyed by that id through a pass-through hasher, since it is already uniformly
+//! random. A lookup therefore touches the bucket and nothing else: no string comparison, no
+//! pointer chase, one hash pass. Two different live subjects share an id with probability about
+//! n²/2⁶⁵ for n tracked subjects (≈ 3·10⁻⁸ for a million keys tracked at once); the seed is
+//! random per process, so clients cannot aim for a collision, and a collision's only effect is
+//! that two subjects share one set of limits.
 
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::ops::Deref;
@@ -31,35 +32,39 @@ const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000;
 /// Limit cells kept inline in the table bucket; larger limit sets spill to the heap.
 const INLINE_CELLS: usize = 2;
 
-/// A 128-bit keyed hash of a subject name.
+/// A 64-bit keyed hash of a subject's name (or of an IP cluster's prefix bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Id(pub(crate) [u64; 2]);
+pub(crate) struct Id(pub(crate) u64);
 
 impl Hash for Id {
     #[inline]
     fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.0[0]);
+        state.write_u64(self.0);
     }
 }
 
-/// Hashes names into [`Id`]s with two random seeds.
+/// Hashes names and cluster prefixes into [`Id`]s with a random per-process seed.
 #[derive(Debug)]
 pub(crate) struct Namer {
     a: ahash::RandomState,
-    b: ahash::RandomState,
 }
 
 impl Namer {
     pub(crate) fn new() -> Self {
         Self {
             a: ahash::RandomState::new(),
-            b: ahash::RandomState::new(),
         }
     }
 
     #[inline]
     pub(crate) fn id(&self, name: &str) -> Id {
-        Id([self.a.hash_one(name), self.b.hash_one(name)])
+        Id(self.a.hash_one(name))
+    }
+
+    /// The id of an IP cluster, from its prefix bits.
+    #[inline]
+    pub(crate) fn cluster(&self, bits: u128) -> Id {
+        Id(self.a.hash_one(bits))
     }
 }
 

@@ -12,7 +12,7 @@ use crate::decision::Handle;
 use crate::decision::{Candidate, Decision, Denial, InlineStr, Permit, PermitInner, RateLimitInfo};
 use crate::hooks::EscalationHook;
 use crate::limit::{Outcome, Unit};
-use crate::policy::{compile, Compiled, ConfigError, LimitSet, Policy};
+use crate::policy::{compile, Compiled, ConfigError, LimitRt, LimitSet, Policy};
 use crate::request::Request;
 use crate::stats::{Counter, Counters, WardenStats};
 use crate::subject::{IpCluster, SubjectKind};
@@ -96,12 +96,7 @@ impl WardenBuilder {
         Ok(Warden {
             keys: Table::new(max, idle, overflow(SubjectKind::ApiKey), PassThrough),
             orgs: Table::new(max, idle, overflow(SubjectKind::Org), PassThrough),
-            clusters: Table::new(
-                max,
-                idle,
-                overflow(SubjectKind::IpCluster),
-                ahash::RandomState::new(),
-            ),
+            clusters: Table::new(max, idle, overflow(SubjectKind::IpCluster), PassThrough),
             namer: Namer::new(),
             fast: AtomicU64::new(FastPolicy::of(&compiled).encode()),
             policy: ArcSwap::from_pointee(compiled),
@@ -141,7 +136,7 @@ impl WardenBuilder {
 pub struct Warden {
     keys: Table<Id, PassThrough>,
     orgs: Table<Id, PassThrough>,
-    clusters: Table<u128, ahash::RandomState>,
+    clusters: Table<Id, PassThrough>,
     namer: Namer,
     policy: ArcSwap<Compiled>,
     /// The few policy scalars every check needs, packed in one word (see [`FastPolicy`]), so
@@ -257,9 +252,9 @@ impl Warden {
         });
         let cl_slot = cluster.filter(|_| fast.active[2]).map(|c| {
             let bits = c.bits();
-            handles[2] = Some(Handle::Cluster(bits));
+            handles[2] = Some(Handle::Cluster(split(bits)));
             self.clusters.get_or_insert(
-                bits,
+                self.namer.cluster(bits),
                 now,
                 generation,
                 |pol| self.new_entry(pol.set_for_cluster(bits), pol, now, SubjectKind::IpCluster),
@@ -276,42 +271,67 @@ impl Warden {
             }
         }
         let subjects: Subjects<'_> = [key_slot.as_deref(), org_slot.as_deref(), cl_slot.as_deref()];
+        if !fast.behave {
+            // Classic limits only: the lean path.
+            return match self.charge(req, &subjects, now, &[1; 3]) {
+                Ok(best) => self.admit(req, &subjects, &handles, now, [1; 3], Level::Normal, best),
+                Err(refusal) => Decision::Deny(self.limit_denial(
+                    req,
+                    &subjects,
+                    now,
+                    &[1; 3],
+                    Level::Normal,
+                    refusal,
+                )),
+            };
+        }
+        self.check_behavior(req, now, [key_slot, org_slot, cl_slot], handles, cluster)
+    }
+
+    /// The rest of [`check`](Self::check) when the behavioural layer is on: levels first
+    /// (challenge and block deny before any charge, throttle multiplies costs), then the
+    /// limits, then the signals; hooks run once every lock is released.
+    #[inline(never)]
+    fn check_behavior(
+        &self,
+        req: &Request<'_>,
+        now: u64,
+        slots: [Option<Slot<'_, Id>>; 3],
+        handles: [Option<Handle>; 3],
+        cluster: Option<IpCluster>,
+    ) -> Decision<'_> {
+        let subjects: Subjects<'_> = [
+            slots[0].as_deref(),
+            slots[1].as_deref(),
+            slots[2].as_deref(),
+        ];
         let Some(rt) = subjects.iter().flatten().next().map(|e| &*e.set.behavior) else {
             // No kind is tracked: nothing can refuse.
-            self.counters.bump(Counter::Allowed);
-            return Decision::Allow(Permit {
-                warden: self,
-                inner: PermitInner {
-                    now,
-                    ..PermitInner::default()
-                },
-            });
+            return self.admit(
+                req,
+                &subjects,
+                &handles,
+                now,
+                [1; 3],
+                Level::Normal,
+                [None; 2],
+            );
         };
-
-        // Behavioural levels, read before any charge: the enforced level acts, the reported
-        // one (shadow detectors included) is what the decision shows.
-        let behave = rt.enabled();
-        let (levels, level, mult) = if behave {
-            let levels = self.behavior.levels(&subjects, now);
-            let level = levels
-                .iter()
-                .map(|l| l.0.max(l.1))
-                .max()
-                .unwrap_or(Level::Normal);
-            (levels, level, levels.map(|l| Engine::multiplier(l.0, rt)))
-        } else {
-            ([(Level::Normal, Level::Normal); 3], Level::Normal, [1; 3])
-        };
-        let hashes = || {
-            handles.map(|h| match h {
-                Some(Handle::Name(id)) => id.0[0],
-                Some(Handle::Cluster(bits)) => {
-                    (bits as u64) ^ ((bits >> 64) as u64).rotate_left(32)
-                }
-                _ => 0,
-            })
-        };
-        if let Some((si, l)) = behave.then(|| Engine::denying(&levels)).flatten() {
+        // The enforced level acts, the reported one (shadow detectors included) is what the
+        // decision shows.
+        let levels = self.behavior.levels(&subjects, now);
+        let level = levels
+            .iter()
+            .map(|l| l.0.max(l.1))
+            .max()
+            .unwrap_or(Level::Normal);
+        let mult = levels.map(|l| Engine::multiplier(l.0, rt));
+        let hashes = handles.map(|h| match h {
+            Some(Handle::Name(id)) => id.0,
+            Some(Handle::Cluster(bits)) => self.namer.cluster(join(bits)).0,
+            _ => 0,
+        });
+        let (decision, pending) = if let Some((si, l)) = Engine::denying(&levels) {
             self.counters.bump(Counter::DeniedBehavior);
             let denial = Denial {
                 kind: SubjectKind::ALL[si],
@@ -327,159 +347,197 @@ impl Warden {
             };
             let pending = self
                 .behavior
-                .observe(&subjects, hashes(), req, now, rt, [1.0; 3], true);
-            drop((key_slot, org_slot, cl_slot));
-            self.dispatch(pending, req, cluster, now);
-            return Decision::Deny(denial);
-        }
-
-        let token_cost = req.token_cost();
-        let cost_of = |unit: Unit, m: u64| -> Option<u64> {
-            match unit {
-                Unit::Requests => req.requests.checked_mul(m),
-                Unit::Tokens => token_cost.and_then(|t| t.checked_mul(m)),
-                Unit::InFlight => Some(m),
+                .observe(&subjects, hashes, req, now, rt, [1.0; 3], true);
+            (Decision::Deny(denial), pending)
+        } else {
+            match self.charge(req, &subjects, now, &mult) {
+                Ok(best) => {
+                    let decision = self.admit(req, &subjects, &handles, now, mult, level, best);
+                    let pressure = pressures(&subjects, now);
+                    let pending = self
+                        .behavior
+                        .observe(&subjects, hashes, req, now, rt, pressure, false);
+                    (decision, pending)
+                }
+                Err(refusal) => {
+                    let denial = self.limit_denial(req, &subjects, now, &mult, level, refusal);
+                    let pressure = pressures(&subjects, now);
+                    let pending = self
+                        .behavior
+                        .observe(&subjects, hashes, req, now, rt, pressure, true);
+                    (Decision::Deny(denial), pending)
+                }
             }
         };
+        drop(slots);
+        self.dispatch(pending, req, cluster, now);
+        decision
+    }
 
-        // One pass: charge each limit with a CAS that checks conformance; on a refusal, roll
-        // back what this check charged, so a denied request charges nothing anywhere.
-        let mut refusal: Option<(usize, usize, Option<u64>)> = None;
-        'commit: for (si, e) in subjects.iter().enumerate() {
+    /// One pass over every limit of every subject: charge each with a CAS that checks
+    /// conformance; on a refusal, roll back what this check charged (so a denied request
+    /// charges nothing anywhere) and return `(subject, limit, wait)`. On success, returns the
+    /// most constrained request and token limits (for headers), picked on the way from the
+    /// states the charges left and compared without dividing.
+    #[inline(always)]
+    fn charge<'s>(
+        &self,
+        req: &Request<'_>,
+        subjects: &Subjects<'s>,
+        now: u64,
+        mult: &[u64; 3],
+    ) -> Result<[Option<(&'s LimitRt, u64)>; 2], Refusal> {
+        let mut best: [Option<(&LimitRt, u64)>; 2] = [None, None];
+        for (si, e) in subjects.iter().enumerate() {
             let Some(e) = e else { continue };
             for (li, (l, c)) in e.set.limits.iter().zip(e.cells()).enumerate() {
-                let out = match cost_of(l.algo.unit(), mult[si]) {
+                let unit = l.algo.unit();
+                let out = match cost_of(req, unit, mult[si]) {
                     Some(cost) => l.algo.try_charge(c, now, cost),
                     None => Outcome::Refused(None),
                 };
-                if let Outcome::Refused(w) = out {
-                    refusal = Some((si, li, w));
-                    self.rollback(&subjects, si, li, &cost_of, &mult, now);
-                    break 'commit;
-                }
-            }
-        }
-
-        if let Some((si, li, first_wait)) = refusal {
-            // When may it be retried? Not before every limit would conform (peek the rest).
-            let mut wait = first_wait;
-            for (sj, e) in subjects.iter().enumerate() {
-                let Some(e) = e else { continue };
-                for (lj, (l, c)) in e.set.limits.iter().zip(e.cells()).enumerate() {
-                    if (sj, lj) == (si, li) || wait.is_none() {
-                        continue;
-                    }
-                    let out = match cost_of(l.algo.unit(), mult[sj]) {
-                        Some(cost) => l.algo.peek(c, now, cost),
-                        None => Outcome::Refused(None),
-                    };
-                    if let Outcome::Refused(w) = out {
-                        wait = match (wait, w) {
-                            (Some(a), Some(b)) => Some(a.max(b)),
-                            _ => None,
+                match out {
+                    Outcome::Ok(state) => {
+                        let slot = match unit {
+                            Unit::Requests => 0,
+                            Unit::Tokens => 1,
+                            Unit::InFlight => continue,
                         };
+                        let tighter = match best[slot] {
+                            None => true,
+                            Some((bl, bstate)) => {
+                                let (n, d) = headroom(&bl.algo, bstate, now);
+                                let (num, den) = headroom(&l.algo, state, now);
+                                num * d < n * den
+                            }
+                        };
+                        if tighter {
+                            best[slot] = Some((l, state));
+                        }
+                    }
+                    Outcome::Refused(w) => {
+                        self.rollback(req, subjects, si, li, mult, now);
+                        return Err(Refusal {
+                            subject: si,
+                            limit: li,
+                            wait: w,
+                        });
                     }
                 }
             }
-            let e = subjects[si].expect("refusing subject exists");
-            let l = &e.set.limits[li];
-            self.counters.bump(match l.algo.unit() {
-                Unit::Requests => Counter::DeniedRate,
-                Unit::Tokens => Counter::DeniedTokens,
-                Unit::InFlight => Counter::DeniedConcurrency,
-            });
-            let cand = Candidate {
-                algo: l.algo,
-                state: e.cells()[li].load(Ordering::Acquire),
-                name: l.name,
-            };
-            let (req_c, tok_c) = match l.algo.unit() {
-                Unit::Tokens => (None, Some(cand)),
-                _ => (Some(cand), None),
-            };
-            let denial = Denial {
-                kind: e.set.kind,
-                reason: InlineStr::from_static(l.reason),
-                behavior: None,
-                retry_after: wait.map(std::time::Duration::from_nanos),
-                level,
-                info: crate::decision::info(now, &req_c, &tok_c),
-            };
-            if behave {
-                let pressure = pressures(&subjects, now);
-                let pending =
-                    self.behavior
-                        .observe(&subjects, hashes(), req, now, rt, pressure, true);
-                drop((key_slot, org_slot, cl_slot));
-                self.dispatch(pending, req, cluster, now);
-            }
-            return Decision::Deny(denial);
         }
+        Ok(best)
+    }
 
+    /// The permit of an admitted request.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        &self,
+        req: &Request<'_>,
+        subjects: &Subjects<'_>,
+        handles: &[Option<Handle>; 3],
+        now: u64,
+        mult: [u64; 3],
+        level: Level,
+        best: [Option<(&LimitRt, u64)>; 2],
+    ) -> Decision<'_> {
         self.counters.bump(Counter::Allowed);
-        let mut inner = PermitInner {
-            now,
-            mult,
-            input_tokens: req.input_tokens,
-            expected_output: req.expected_output_tokens,
-            level,
-            ..PermitInner::default()
-        };
-        // The most constrained request and token limits, for headers: kept as indices, and
-        // compared (without dividing) only when a unit has more than one limit.
-        let mut best: [Option<(usize, usize, u64)>; 2] = [None, None];
+        let mut kept: [Option<Handle>; 3] = [None; 3];
+        let mut holds_slots = false;
         for (si, e) in subjects.iter().enumerate() {
             let Some(e) = e else { continue };
             if e.set.needs_handle || e.behavior.is_some() {
-                inner.handles[si] = handles[si];
-                inner.holds_slots |= e.set.holds_slots;
+                kept[si] = handles[si];
+                holds_slots |= e.set.holds_slots;
             }
-            for (li, (l, c)) in e.set.limits.iter().zip(e.cells()).enumerate() {
-                let slot = match l.algo.unit() {
-                    Unit::Requests => 0,
-                    Unit::Tokens => 1,
-                    Unit::InFlight => continue,
+        }
+        let cand = |b: Option<(&LimitRt, u64)>| {
+            b.map(|(l, state)| Candidate {
+                algo: l.algo,
+                state,
+                name: l.name,
+            })
+        };
+        // Built in one expression, so it is written straight into the caller's slot.
+        Decision::Allow(Permit {
+            warden: self,
+            inner: PermitInner {
+                now,
+                handles: kept,
+                mult,
+                input_tokens: req.input_tokens,
+                expected_output: req.expected_output_tokens,
+                level,
+                req: cand(best[0]),
+                tok: cand(best[1]),
+                holds_slots,
+                done: false,
+            },
+        })
+    }
+
+    /// The denial for a refused limit, with a retry-after at which every limit would conform
+    /// (the other limits are peeked, not charged).
+    #[cold]
+    #[inline(never)]
+    fn limit_denial(
+        &self,
+        req: &Request<'_>,
+        subjects: &Subjects<'_>,
+        now: u64,
+        mult: &[u64; 3],
+        level: Level,
+        refusal: Refusal,
+    ) -> Denial {
+        let Refusal {
+            subject: si,
+            limit: li,
+            wait: first_wait,
+        } = refusal;
+        let mut wait = first_wait;
+        for (sj, e) in subjects.iter().enumerate() {
+            let Some(e) = e else { continue };
+            for (lj, (l, c)) in e.set.limits.iter().zip(e.cells()).enumerate() {
+                if (sj, lj) == (si, li) || wait.is_none() {
+                    continue;
+                }
+                let out = match cost_of(req, l.algo.unit(), mult[sj]) {
+                    Some(cost) => l.algo.peek(c, now, cost),
+                    None => Outcome::Refused(None),
                 };
-                let state = c.load(Ordering::Relaxed);
-                let tighter = match best[slot] {
-                    None => true,
-                    Some((bs, bl, bstate)) => {
-                        let other = &subjects[bs].expect("kept subject").set.limits[bl].algo;
-                        let (n, d) = headroom(other, bstate, now);
-                        let (num, den) = headroom(&l.algo, state, now);
-                        num * d < n * den
-                    }
-                };
-                if tighter {
-                    best[slot] = Some((si, li, state));
+                if let Outcome::Refused(w) = out {
+                    wait = match (wait, w) {
+                        (Some(a), Some(b)) => Some(a.max(b)),
+                        _ => None,
+                    };
                 }
             }
         }
-        let cand = |b: Option<(usize, usize, u64)>| {
-            b.and_then(|(si, li, state)| {
-                let l = &subjects[si]?.set.limits[li];
-                Some(Candidate {
-                    algo: l.algo,
-                    state,
-                    name: l.name,
-                })
-            })
+        let e = subjects[si].expect("refusing subject exists");
+        let l = &e.set.limits[li];
+        self.counters.bump(match l.algo.unit() {
+            Unit::Requests => Counter::DeniedRate,
+            Unit::Tokens => Counter::DeniedTokens,
+            Unit::InFlight => Counter::DeniedConcurrency,
+        });
+        let cand = Candidate {
+            algo: l.algo,
+            state: e.cells()[li].load(Ordering::Acquire),
+            name: l.name,
         };
-        inner.req = cand(best[0]);
-        inner.tok = cand(best[1]);
-        if behave {
-            inner.families = (req.template_fp, req.prompt_simhash);
-            let pressure = pressures(&subjects, now);
-            let pending = self
-                .behavior
-                .observe(&subjects, hashes(), req, now, rt, pressure, false);
-            drop((key_slot, org_slot, cl_slot));
-            self.dispatch(pending, req, cluster, now);
+        let (req_c, tok_c) = match l.algo.unit() {
+            Unit::Tokens => (None, Some(cand)),
+            _ => (Some(cand), None),
+        };
+        Denial {
+            kind: e.set.kind,
+            reason: InlineStr::from_static(l.reason),
+            behavior: None,
+            retry_after: wait.map(std::time::Duration::from_nanos),
+            level,
+            info: crate::decision::info(now, &req_c, &tok_c),
         }
-        Decision::Allow(Permit {
-            warden: self,
-            inner,
-        })
     }
 
     /// Hands level changes found during a check to the event queue and the hooks, with no
@@ -501,12 +559,13 @@ impl Warden {
     }
 
     /// Undoes the charges of limits before `(stop_s, stop_l)`, in commit order.
+    #[cold]
     fn rollback(
         &self,
+        req: &Request<'_>,
         subjects: &Subjects<'_>,
         stop_s: usize,
         stop_l: usize,
-        cost_of: &impl Fn(Unit, u64) -> Option<u64>,
         mult: &[u64; 3],
         now: u64,
     ) {
@@ -516,7 +575,7 @@ impl Warden {
                 if (si, li) == (stop_s, stop_l) {
                     return;
                 }
-                if let Some(cost) = cost_of(l.algo.unit(), mult[si]) {
+                if let Some(cost) = cost_of(req, l.algo.unit(), mult[si]) {
                     l.algo.rollback(c, now, cost, now);
                 }
             }
@@ -662,7 +721,7 @@ impl Warden {
         let generation = FastPolicy::decode(self.fast.load(Ordering::Acquire)).generation;
         let make = |pol: &Compiled| {
             let set = match h {
-                Handle::Cluster(bits) => pol.set_for_cluster(bits),
+                Handle::Cluster(bits) => pol.set_for_cluster(join(bits)),
                 _ => &pol.defaults[kind.index()],
             };
             self.new_entry(set, pol, now, kind)
@@ -677,11 +736,12 @@ impl Warden {
                 f(&e);
             }
             (SubjectKind::IpCluster, Handle::Cluster(bits)) => {
+                let id = self.namer.cluster(join(bits));
                 if create {
                     f(&self
                         .clusters
-                        .get_or_insert(bits, now, generation, make, &self.policy));
-                } else if let Some(r) = self.clusters.get(&bits) {
+                        .get_or_insert(id, now, generation, make, &self.policy));
+                } else if let Some(r) = self.clusters.get(&id) {
                     f(&r);
                 }
             }
@@ -702,6 +762,37 @@ impl Warden {
     }
 }
 
+/// A refused limit: `(subject index, limit index, wait)`.
+#[derive(Clone, Copy, Debug)]
+struct Refusal {
+    subject: usize,
+    limit: usize,
+    wait: Option<u64>,
+}
+
+/// What a limit of `unit` charges for `req`, times the subject's throttle multiplier; `None`
+/// when that overflows (the request can never conform).
+#[inline(always)]
+fn cost_of(req: &Request<'_>, unit: Unit, m: u64) -> Option<u64> {
+    match unit {
+        Unit::Requests => req.requests.checked_mul(m),
+        Unit::Tokens => req.token_cost().and_then(|t| t.checked_mul(m)),
+        Unit::InFlight => Some(m),
+    }
+}
+
+/// An IP cluster's prefix bits as two words (see [`Handle::Cluster`]).
+#[inline]
+pub(crate) fn split(bits: u128) -> [u64; 2] {
+    [(bits >> 64) as u64, bits as u64]
+}
+
+/// The inverse of [`split`].
+#[inline]
+pub(crate) fn join(w: [u64; 2]) -> u128 {
+    (u128::from(w[0]) << 64) | u128::from(w[1])
+}
+
 /// The policy scalars read on every check.
 #[derive(Clone, Copy, Debug)]
 struct FastPolicy {
@@ -709,6 +800,8 @@ struct FastPolicy {
     v4_prefix: u8,
     v6_prefix: u8,
     active: [bool; 3],
+    /// The behavioural layer is on.
+    behave: bool,
 }
 
 impl FastPolicy {
@@ -718,6 +811,7 @@ impl FastPolicy {
             v4_prefix: c.v4_prefix,
             v6_prefix: c.v6_prefix,
             active: c.active,
+            behave: c.behavior.enabled,
         }
     }
 
@@ -730,6 +824,7 @@ impl FastPolicy {
         ((self.generation & 0xffff_ffff) << 32)
             | (u64::from(self.v4_prefix) << 16)
             | (u64::from(self.v6_prefix) << 8)
+            | (u64::from(self.behave) << 3)
             | active
     }
 
@@ -740,6 +835,7 @@ impl FastPolicy {
             v4_prefix: (w >> 16) as u8,
             v6_prefix: (w >> 8) as u8,
             active: [w & 1 != 0, w & 2 != 0, w & 4 != 0],
+            behave: w & 8 != 0,
         }
     }
 }

@@ -37,10 +37,6 @@ impl BehaviorRt {
         };
         Ok(Self { params, cross })
     }
-
-    pub(crate) fn enabled(&self) -> bool {
-        self.params.policy().enabled
-    }
 }
 
 /// No manual level expires: the cached level stays valid until the next locked update.
@@ -242,19 +238,6 @@ impl Engine {
     /// Records the actual output of a finished response.
     pub(crate) fn settle(slot: &Slot, output_tokens: u64, now: u64) {
         slot.with(now, |s| s.settle(output_tokens));
-    }
-
-    /// Nothing to do: the cross index counts each request's output at check time, from its
-    /// key's settled mean output (the family a request was filed under depends on its key's
-    /// centroid at check time, which the permit does not keep). Kept so that permits can
-    /// call it unconditionally; the warden may drop the call and the permit's `families`.
-    #[inline]
-    pub(crate) fn settle_cross(
-        _rt: &BehaviorRt,
-        _template_fp: Option<u64>,
-        _simhash: Option<u64>,
-        _output: u64,
-    ) {
     }
 
     /// Turns pending changes into events: queued and handed to the hooks. Call with no lock

@@ -38,9 +38,17 @@ pub(crate) enum Algo {
 /// Result of trying one limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    Ok,
+    /// Conforms; the cell's state after the charge.
+    Ok(u64),
     /// Refused; conforms after this many nanoseconds, or never (`None`).
     Refused(Option<u64>),
+}
+
+impl Outcome {
+    #[cfg(ratewarden_loom)]
+    fn is_ok(self) -> bool {
+        matches!(self, Outcome::Ok(_))
+    }
 }
 
 impl Algo {
@@ -94,11 +102,11 @@ impl Algo {
             match self.pure(cur, now, cost) {
                 Step::Conform(next) => {
                     if next == cur {
-                        return Outcome::Ok;
+                        return Outcome::Ok(cur);
                     }
                     match cell.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
                     {
-                        Ok(_) => return Outcome::Ok,
+                        Ok(_) => return Outcome::Ok(next),
                         Err(actual) => cur = actual,
                     }
                 }
@@ -157,7 +165,7 @@ impl Algo {
 #[inline]
 fn to_outcome(s: Step) -> Outcome {
     match s {
-        Step::Conform(_) => Outcome::Ok,
+        Step::Conform(next) => Outcome::Ok(next),
         Step::Wait(ns) => Outcome::Refused(Some(ns)),
         Step::Never => Outcome::Refused(None),
     }
@@ -183,7 +191,7 @@ mod loom_tests {
                     let admitted = admitted.clone();
                     thread::spawn(move || {
                         for _ in 0..2 {
-                            if algo.try_charge(&cell, 0, 1) == Outcome::Ok {
+                            if algo.try_charge(&cell, 0, 1).is_ok() {
                                 admitted.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -204,14 +212,14 @@ mod loom_tests {
             let cell = Arc::new(AtomicU64::new(0));
             let c2 = cell.clone();
             let t = thread::spawn(move || {
-                if algo.try_charge(&c2, 0, 1) == Outcome::Ok {
+                if algo.try_charge(&c2, 0, 1).is_ok() {
                     algo.rollback(&c2, 0, 1, 0);
                     1
                 } else {
                     0
                 }
             });
-            let mine = if algo.try_charge(&cell, 0, 1) == Outcome::Ok {
+            let mine = if algo.try_charge(&cell, 0, 1).is_ok() {
                 algo.rollback(&cell, 0, 1, 0);
                 1
             } else {

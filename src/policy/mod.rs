@@ -5,7 +5,7 @@ mod config;
 
 #[cfg(test)]
 pub(crate) use compile::intern as intern_name;
-pub(crate) use compile::{compile, Compiled, LimitSet};
+pub(crate) use compile::{compile, Compiled, LimitRt, LimitSet};
 pub use config::{ClusterConfig, LimitConfig, Override, Period, Policy, TableConfig};
 
 /// A policy that cannot be built. Each variant names the path of the bad field, for example
