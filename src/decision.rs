@@ -206,11 +206,67 @@ pub(crate) enum Handle {
     Overflow,
 }
 
+/// The handles of a check's three subjects, packed: ids, the cluster's prefix bits, and two
+/// bit masks (which subjects are kept, which are the shared overflow entry).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Handles {
+    ids: [u64; 3],
+    cluster: [u64; 2],
+    present: u8,
+    overflow: u8,
+}
+
+impl Handles {
+    #[inline]
+    pub(crate) fn set(&mut self, i: usize, id: Id) {
+        self.ids[i] = id.0;
+        self.present |= 1 << i;
+    }
+
+    #[inline]
+    pub(crate) fn set_cluster(&mut self, id: Id, bits: [u64; 2]) {
+        self.set(2, id);
+        self.cluster = bits;
+    }
+
+    #[inline]
+    pub(crate) fn mark_overflow(&mut self, i: usize) {
+        self.overflow |= 1 << i;
+    }
+
+    /// The same handles, restricted to the subjects in `mask`.
+    #[inline]
+    pub(crate) fn only(mut self, mask: u8) -> Self {
+        self.present &= mask;
+        self
+    }
+
+    /// The id each subject was found under (0 when absent), for the behavioural sketches.
+    #[inline]
+    pub(crate) fn ids(&self) -> [u64; 3] {
+        self.ids
+    }
+
+    /// Subject `i`'s handle, if it has one.
+    #[inline]
+    pub(crate) fn get(&self, i: usize) -> Option<Handle> {
+        if self.present & (1 << i) == 0 {
+            None
+        } else if self.overflow & (1 << i) != 0 {
+            Some(Handle::Overflow)
+        } else if i == 2 {
+            Some(Handle::Cluster(self.cluster))
+        } else {
+            Some(Handle::Name(Id(self.ids[i])))
+        }
+    }
+}
+
 /// What a permit keeps about the subjects it charged.
 #[derive(Debug, Default)]
 pub(crate) struct PermitInner {
     pub(crate) now: u64,
-    pub(crate) handles: [Option<Handle>; 3],
+    pub(crate) handles: Handles,
     /// Cost multiplier applied per subject (throttle).
     pub(crate) mult: [u64; 3],
     pub(crate) input_tokens: u64,
@@ -231,8 +287,10 @@ impl PermitInner {
         let now = warden.now();
         let charged = self.input_tokens.saturating_add(self.expected_output);
         let actual = self.input_tokens.saturating_add(actual_output);
-        for (i, h) in self.handles.iter().enumerate() {
-            let Some(h) = h else { continue };
+        for i in 0..3 {
+            let Some(h) = self.handles.get(i) else {
+                continue;
+            };
             let m = self.mult[i].max(1);
             let (extra, refund) = if actual >= charged {
                 ((actual - charged).saturating_mul(m), 0)
@@ -240,7 +298,7 @@ impl PermitInner {
                 (0, (charged - actual).saturating_mul(m))
             };
             // A debt is charged even if the subject was evicted meanwhile (it comes back).
-            warden.with_subject(SubjectKind::ALL[i], *h, now, extra > 0, |e| {
+            warden.with_subject(SubjectKind::ALL[i], h, now, extra > 0, |e| {
                 for (l, c) in e.set.limits.iter().zip(e.cells()) {
                     l.algo.settle(c, now, extra, refund);
                 }
@@ -260,10 +318,12 @@ impl PermitInner {
         if !self.holds_slots {
             return;
         }
-        for (i, h) in self.handles.iter().enumerate() {
-            let Some(h) = h else { continue };
+        for i in 0..3 {
+            let Some(h) = self.handles.get(i) else {
+                continue;
+            };
             let m = self.mult[i].max(1);
-            warden.with_subject(SubjectKind::ALL[i], *h, now, false, |e| {
+            warden.with_subject(SubjectKind::ALL[i], h, now, false, |e| {
                 for (l, c) in e.set.limits.iter().zip(e.cells()) {
                     if l.algo.unit() == Unit::InFlight {
                         l.algo.rollback(c, now, m, now);

@@ -8,8 +8,8 @@ use parking_lot::Mutex;
 
 use crate::behavior::{Engine, Level, Pending, Slot as BehaviorSlot};
 use crate::clock::{Clock, SystemClock};
-use crate::decision::Handle;
 use crate::decision::{Candidate, Decision, Denial, InlineStr, Permit, PermitInner, RateLimitInfo};
+use crate::decision::{Handle, Handles};
 use crate::hooks::EscalationHook;
 use crate::limit::{Outcome, Unit};
 use crate::policy::{compile, Compiled, ConfigError, LimitRt, LimitSet, Policy};
@@ -204,7 +204,7 @@ impl Warden {
 
         let need_cluster = fast.active[2] || req.api_key.is_none();
         let cluster = if need_cluster { Some(cluster()) } else { None };
-        let mut handles: [Option<Handle>; 3] = [None; 3];
+        let mut handles = Handles::default();
 
         let key_slot = fast.active[0].then(|| {
             let (id, anonymous) = match req.api_key {
@@ -217,7 +217,7 @@ impl Warden {
                     true,
                 ),
             };
-            handles[0] = Some(Handle::Name(id));
+            handles.set(0, id);
             self.keys.get_or_insert(
                 id,
                 now,
@@ -234,7 +234,7 @@ impl Warden {
         });
         let org_slot = req.org.filter(|_| fast.active[1]).map(|o| {
             let id = self.namer.id(o);
-            handles[1] = Some(Handle::Name(id));
+            handles.set(1, id);
             self.orgs.get_or_insert(
                 id,
                 now,
@@ -252,22 +252,26 @@ impl Warden {
         });
         let cl_slot = cluster.filter(|_| fast.active[2]).map(|c| {
             let bits = c.bits();
-            handles[2] = Some(Handle::Cluster(split(bits)));
+            let id = self.namer.cluster(bits);
+            handles.set_cluster(id, split(bits));
             self.clusters.get_or_insert(
-                self.namer.cluster(bits),
+                id,
                 now,
                 generation,
                 |pol| self.new_entry(pol.set_for_cluster(bits), pol, now, SubjectKind::IpCluster),
                 &self.policy,
             )
         });
-        for (h, overflow) in handles.iter_mut().zip([
+        for (i, overflow) in [
             key_slot.as_ref().is_some_and(Slot::is_overflow),
             org_slot.as_ref().is_some_and(Slot::is_overflow),
             cl_slot.as_ref().is_some_and(Slot::is_overflow),
-        ]) {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             if overflow {
-                *h = Some(Handle::Overflow);
+                handles.mark_overflow(i);
             }
         }
         let subjects: Subjects<'_> = [key_slot.as_deref(), org_slot.as_deref(), cl_slot.as_deref()];
@@ -297,7 +301,7 @@ impl Warden {
         req: &Request<'_>,
         now: u64,
         slots: [Option<Slot<'_, Id>>; 3],
-        handles: [Option<Handle>; 3],
+        handles: Handles,
         cluster: Option<IpCluster>,
     ) -> Decision<'_> {
         let subjects: Subjects<'_> = [
@@ -326,11 +330,7 @@ impl Warden {
             .max()
             .unwrap_or(Level::Normal);
         let mult = levels.map(|l| Engine::multiplier(l.0, rt));
-        let hashes = handles.map(|h| match h {
-            Some(Handle::Name(id)) => id.0,
-            Some(Handle::Cluster(bits)) => self.namer.cluster(join(bits)).0,
-            _ => 0,
-        });
+        let hashes = handles.ids();
         let (decision, pending) = if let Some((si, l)) = Engine::denying(&levels) {
             self.counters.bump(Counter::DeniedBehavior);
             let denial = Denial {
@@ -436,19 +436,19 @@ impl Warden {
         &self,
         req: &Request<'_>,
         subjects: &Subjects<'_>,
-        handles: &[Option<Handle>; 3],
+        handles: &Handles,
         now: u64,
         mult: [u64; 3],
         level: Level,
         best: [Option<(&LimitRt, u64)>; 2],
     ) -> Decision<'_> {
         self.counters.bump(Counter::Allowed);
-        let mut kept: [Option<Handle>; 3] = [None; 3];
+        let mut keep = 0u8;
         let mut holds_slots = false;
         for (si, e) in subjects.iter().enumerate() {
             let Some(e) = e else { continue };
             if e.set.needs_handle || e.behavior.is_some() {
-                kept[si] = handles[si];
+                keep |= 1 << si;
                 holds_slots |= e.set.holds_slots;
             }
         }
@@ -464,7 +464,7 @@ impl Warden {
             warden: self,
             inner: PermitInner {
                 now,
-                handles: kept,
+                handles: handles.only(keep),
                 mult,
                 input_tokens: req.input_tokens,
                 expected_output: req.expected_output_tokens,
