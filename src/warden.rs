@@ -872,7 +872,8 @@ fn pressures(subjects: &Subjects<'_>, now: u64) -> [f32; 3] {
                 continue;
             }
             let (num, den) = headroom(&l.algo, c.load(std::sync::atomic::Ordering::Relaxed), now);
-            let used = 1.0 - (num as f64 / den.max(1) as f64) as f32;
+            // Both fit in u64 (headroom is at most the quota); f32 is precise enough here.
+            let used = 1.0 - (num as u64 as f32) / (den.max(1) as u64 as f32);
             p = p.max(used);
         }
         out[si] = p;

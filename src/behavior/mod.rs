@@ -242,6 +242,8 @@ pub(crate) struct BehaviorParams {
     pub(crate) window_ns: u64,
     pub(crate) kids_window_ns: u64,
     pub(crate) eval_ns: u64,
+    pub(crate) eval_min_requests: u32,
+    pub(crate) eval_max_ns: u64,
     pub(crate) near_bits: u32,
     pub(crate) min_requests: u32,
     pub(crate) pinned_pressure: f32,
@@ -333,6 +335,8 @@ impl BehaviorParams {
             window_ns: policy.window_s.saturating_mul(NS_PER_S),
             kids_window_ns: policy.propagation.window_s.saturating_mul(NS_PER_S),
             eval_ns: policy.evaluate_every_ms.saturating_mul(1_000_000),
+            eval_min_requests: policy.evaluate_min_requests,
+            eval_max_ns: policy.evaluate_max_ms.saturating_mul(1_000_000),
             near_bits: policy.near_bits,
             min_requests: policy.min_requests,
             pinned_pressure: d.pinned.pressure as f32,
@@ -384,6 +388,8 @@ pub(crate) struct SubjectBehavior {
     signals: Signals,
     escalation: Escalation,
     last_eval_ns: u64,
+    /// Requests observed since the last evaluation (saturating).
+    since_eval: u16,
     kind: SubjectKind,
     /// `false` until the first evaluation, and again when something asks for a prompt one
     /// (a child escalated).
@@ -404,6 +410,7 @@ impl SubjectBehavior {
             signals: Signals::new(now_ns),
             escalation: Escalation::new(now_ns),
             last_eval_ns: now_ns,
+            since_eval: 0,
             kind,
             eval_current: false,
         }
@@ -424,6 +431,7 @@ impl SubjectBehavior {
     pub(crate) fn observe(&mut self, obs: &Observation, p: &BehaviorParams) {
         let restrained = self.escalation.level(obs.now_ns) >= Level::Throttle;
         self.signals.observe(self.kind, obs, !restrained, p);
+        self.since_eval = self.since_eval.saturating_add(1);
     }
 
     /// Records the actual output tokens of a finished response.
@@ -445,11 +453,13 @@ impl SubjectBehavior {
         cross: &CrossIndex,
     ) -> Option<Transition> {
         // A clock behind the last evaluation counts as due, so nothing stalls after a jump.
-        if self.eval_current
-            && now_ns >= self.last_eval_ns
-            && now_ns - self.last_eval_ns < p.eval_ns
-        {
-            return None;
+        if self.eval_current && now_ns >= self.last_eval_ns {
+            let since = now_ns - self.last_eval_ns;
+            if since < p.eval_ns
+                || (u32::from(self.since_eval) < p.eval_min_requests && since < p.eval_max_ns)
+            {
+                return None;
+            }
         }
         self.evaluate_now(now_ns, p, cross)
     }
@@ -463,6 +473,7 @@ impl SubjectBehavior {
     ) -> Option<Transition> {
         self.eval_current = true;
         self.last_eval_ns = now_ns;
+        self.since_eval = 0;
         let policy = p.policy();
         if !policy.enabled {
             self.escalation.enforced.force(Level::Normal, now_ns);
@@ -849,6 +860,35 @@ mod tests {
         let before = sb.clone();
         assert!(sb.evaluate(sb.last_eval_ns + 1, &p, &cross).is_none());
         assert_eq!(sb, before);
+    }
+
+    #[test]
+    fn slow_subjects_are_evaluated_every_few_requests_or_after_the_ceiling() {
+        let p = params(&BehaviorPolicy::default());
+        let cross = CrossIndex::new(&p);
+        let mut sb = SubjectBehavior::new(SubjectKind::ApiKey, 0);
+        let obs = |t: u64| Observation {
+            now_ns: t,
+            ..Observation::default()
+        };
+        sb.observe(&obs(0), &p);
+        sb.evaluate_now(0, &p, &cross);
+        // One request every 2 s: past `evaluate_every_ms`, but only every 4th request is scored.
+        let mut evaluated = Vec::new();
+        for i in 1..=8u64 {
+            let t = i * 2 * S;
+            sb.observe(&obs(t), &p);
+            sb.evaluate(t, &p, &cross);
+            if sb.last_eval_ns == t {
+                evaluated.push(i);
+            }
+        }
+        assert_eq!(evaluated, vec![4, 8]);
+        // After 30 s of silence the next request is scored whatever the count.
+        let t = 16 * S + 31 * S;
+        sb.observe(&obs(t), &p);
+        sb.evaluate(t, &p, &cross);
+        assert_eq!(sb.last_eval_ns, t);
     }
 
     #[test]

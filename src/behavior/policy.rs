@@ -49,6 +49,17 @@ pub struct BehaviorPolicy {
     /// evaluation per second per active subject costs nothing in latency and keeps the score
     /// computation off almost every request.
     pub evaluate_every_ms: u64,
+    /// Once `evaluate_every_ms` has passed, a subject waits for this many requests since its
+    /// last evaluation before the next one, unless `evaluate_max_ms` has passed. Default `4`:
+    /// a subject that sends a request every few seconds is scored every few requests instead
+    /// of on each one (the evaluation is the costly part of the behavioural layer), while an
+    /// extractor, at several requests per second, is scored every second as before.
+    pub evaluate_min_requests: u32,
+    /// A subject is re-evaluated on its next request once this long has passed since its
+    /// last evaluation, whatever `evaluate_min_requests` says (milliseconds, at least
+    /// `evaluate_every_ms`). Default `30000`: escalation of a slow subject is delayed by at
+    /// most half a minute, against signals that take minutes to build.
+    pub evaluate_max_ms: u64,
     /// Half-life of the decayed rate counters (requests, output tokens, logprob requests,
     /// pinned requests), in seconds. Default `120`: a human burst of twenty requests is
     /// smoothed to a few per minute, while a sustained extractor reaches half its true rate
@@ -87,6 +98,8 @@ impl Default for BehaviorPolicy {
             shadow: false,
             throttle_factor: 0.25,
             evaluate_every_ms: 1000,
+            evaluate_min_requests: 4,
+            evaluate_max_ms: 30_000,
             rate_half_life_s: 120,
             window_s: 300,
             min_requests: 16,
@@ -834,6 +847,13 @@ impl BehaviorPolicy {
         {
             return Err(invalid(path, "throttle_factor", "must be in (0, 1]"));
         }
+        if self.evaluate_max_ms < self.evaluate_every_ms {
+            return Err(invalid(
+                path,
+                "evaluate_max_ms",
+                "must be at least evaluate_every_ms",
+            ));
+        }
         positive_secs(path, "rate_half_life_s", self.rate_half_life_s)?;
         positive_secs(path, "window_s", self.window_s)?;
         if self.near_bits == 0 || self.near_bits > 32 {
@@ -1164,6 +1184,15 @@ mod tests {
                 path: "behavior.window_s".into()
             }
         );
+
+        let p = BehaviorPolicy {
+            evaluate_max_ms: 10,
+            ..BehaviorPolicy::default()
+        };
+        assert!(matches!(
+            p.validate("behavior").unwrap_err(),
+            ConfigError::Invalid { ref path, .. } if path == "behavior.evaluate_max_ms"
+        ));
 
         let mut p = BehaviorPolicy::default();
         p.levels.challenge.up = 1.0;
