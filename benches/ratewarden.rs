@@ -288,6 +288,46 @@ fn bench_full(c: &mut Criterion) {
     g.finish();
 }
 
+/// What `check` adds with the behavioural layer on: 100,000 live API keys (only the key
+/// subject tracked, a token bucket and a token limit), each request carrying prompt features,
+/// behaviour off against on. The permit is dropped unsettled, so this is the check alone.
+fn bench_behavior(c: &mut Criterion) {
+    let mut g = c.benchmark_group("behavior");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(30);
+    let n = 100_000;
+    let keys = api_keys(n);
+    let ord = order(n);
+    for behavior in [false, true] {
+        let mut p = full_policy(behavior);
+        p.org.clear();
+        p.ip_cluster.clear();
+        let w = warden(p);
+        let req = |i: usize| {
+            Request::new(&keys[i], "", IP)
+                .input_tokens(400)
+                .expected_output_tokens(800)
+                .prompt_fp(i as u64 * 0x9E37_79B9)
+                .prompt_simhash(i as u64 ^ 0xABCD)
+                .template_fp(i as u64 % 97)
+        };
+        for i in 0..n {
+            if let Decision::Allow(p) = w.check(&req(i)) {
+                p.settle(700);
+            }
+        }
+        let name = if behavior { "on" } else { "off" };
+        let mut i = 0usize;
+        g.bench_function(format!("ratewarden/100k_keys/{name}"), |b| {
+            b.iter(|| {
+                i = (i + 1) % n;
+                black_box(w.check(&req(ord[i] as usize)).is_allowed())
+            })
+        });
+    }
+    g.finish();
+}
+
 /// Runs `iters` calls of `op(thread, j)` on each of `threads` threads released together;
 /// returns the wall time from the release to the last thread's end.
 fn timed_threads(threads: usize, iters: u64, op: &(impl Fn(usize, usize) + Sync)) -> Duration {
@@ -423,6 +463,6 @@ fn bench_clock(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = bench_check, bench_keys, bench_full, bench_contention, bench_replay, bench_clock
+    targets = bench_check, bench_keys, bench_full, bench_behavior, bench_contention, bench_replay, bench_clock
 }
 criterion_main!(benches);
