@@ -48,22 +48,28 @@ pub struct SubjectReport {
 
 impl Warden {
     fn handle_of(&self, subject: &SubjectId) -> Result<Handle, ControlError> {
+        // A cluster written at the policy's prefix length.
+        let cluster = |text: &str| {
+            let pol = self.policy();
+            parse_cidr(text).filter(|c| {
+                c.prefix()
+                    == if c.is_ipv4() {
+                        pol.cluster.v4_prefix
+                    } else {
+                        pol.cluster.v6_prefix
+                    }
+            })
+        };
         match subject.kind {
-            SubjectKind::IpCluster => {
-                let pol = self.policy();
-                parse_cidr(&subject.id)
-                    .filter(|c| {
-                        c.prefix()
-                            == if c.is_ipv4() {
-                                pol.cluster.v4_prefix
-                            } else {
-                                pol.cluster.v6_prefix
-                            }
-                    })
-                    .map(|c| Handle::Cluster(crate::warden::split(c.bits())))
-                    .ok_or_else(|| ControlError::BadCluster(subject.id.clone()))
-            }
-            _ => Ok(Handle::Name(self.namer().id(&subject.id))),
+            SubjectKind::IpCluster => cluster(&subject.id)
+                .map(|c| Handle::Cluster(crate::warden::split(c.bits())))
+                .ok_or_else(|| ControlError::BadCluster(subject.id.clone())),
+            // The anonymous key of a cluster, as events name it.
+            SubjectKind::ApiKey => match subject.id.strip_prefix("anon:").and_then(cluster) {
+                Some(c) => Ok(Handle::Name(self.namer().anonymous(c.bits()))),
+                None => Ok(Handle::Name(self.namer().id(&subject.id))),
+            },
+            SubjectKind::Org => Ok(Handle::Name(self.namer().id(&subject.id))),
         }
     }
 

@@ -18,7 +18,7 @@ pub(crate) struct InlineStr(&'static str);
 
 impl InlineStr {
     /// Interns the concatenation of `parts` (slow path: takes a global lock).
-    #[cfg(test)]
+    #[cfg(all(test, feature = "tower"))]
     pub(crate) fn new(parts: &[&str]) -> Self {
         Self(crate::policy::intern_name(&parts.concat()))
     }

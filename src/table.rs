@@ -61,6 +61,13 @@ impl Namer {
         Id(self.a.hash_one(name))
     }
 
+    /// The id of the anonymous key of an IP cluster (requests without an API key). Hashed
+    /// from the prefix bits with a tag, so no API key string can land on it.
+    #[inline]
+    pub(crate) fn anonymous(&self, bits: u128) -> Id {
+        Id(self.a.hash_one((0x00A1_1CE5_u32, bits)))
+    }
+
     /// The id of an IP cluster, from its prefix bits.
     #[inline]
     pub(crate) fn cluster(&self, bits: u128) -> Id {

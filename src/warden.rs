@@ -150,8 +150,7 @@ pub struct Warden {
     seed: u64,
 }
 
-/// Up to this many limits across the three subjects are tracked for rollback without
-/// allocating; larger policies still work (they recompute).
+/// The entries of a check's three subjects (api key, org, ip cluster), `None` when untracked.
 type Subjects<'a> = [Option<&'a Entry>; 3];
 
 impl Warden {
@@ -210,10 +209,8 @@ impl Warden {
             let (id, anonymous) = match req.api_key {
                 Some(k) => (self.namer.id(k), false),
                 None => (
-                    self.namer.id(&format!(
-                        "anon:{}",
-                        cluster.expect("computed for anonymous")
-                    )),
+                    self.namer
+                        .anonymous(cluster.expect("computed for anonymous").bits()),
                     true,
                 ),
             };

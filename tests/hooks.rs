@@ -230,3 +230,24 @@ fn a_full_event_queue_drops_and_counts_without_blocking() {
         .unwrap();
     assert_eq!(w.drain_events().len(), 1);
 }
+
+#[test]
+fn the_anonymous_key_of_a_cluster_is_controlled_by_its_event_name() {
+    let clock = ManualClock::new();
+    let w = build(&clock, Vec::new(), 16);
+    let anon = Request::anonymous("203.0.113.9".parse().unwrap());
+    assert!(w.check(&anon).is_allowed());
+    w.set_level(
+        &SubjectId::api_key("anon:203.0.113.0/24"),
+        Level::Block,
+        None,
+    )
+    .unwrap();
+    let Decision::Deny(d) = w.check(&anon) else {
+        panic!("the anonymous bucket is blocked")
+    };
+    assert_eq!(d.reason(), "behavior:block");
+    // A real key with that name is another subject.
+    let spoof = Request::new("anon:203.0.113.0/24", "", "198.51.100.1".parse().unwrap());
+    assert!(w.check(&spoof).is_allowed());
+}

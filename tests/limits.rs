@@ -292,6 +292,21 @@ fn anonymous_requests_share_a_bucket_per_cluster() {
 }
 
 #[test]
+fn an_api_key_named_like_an_anonymous_bucket_is_not_that_bucket() {
+    let mut p = Policy::llm_api_limits_only();
+    p.anonymous = Some([("rpm".to_string(), gcra(10, 60, 2))].into_iter().collect());
+    let (w, _clock) = warden(p);
+    // A client sends the anonymous bucket's name as its key: it gets key limits (burst 20) on
+    // its own subject, and the anonymous bucket of its cluster is untouched.
+    let spoof = Request::new("anon:203.0.113.0/24", "", ip("203.0.113.1"));
+    assert_eq!(count_allowed(&w, &spoof, 25), 20);
+    assert_eq!(
+        count_allowed(&w, &Request::anonymous(ip("203.0.113.9")), 5),
+        2
+    );
+}
+
+#[test]
 fn set_policy_keeps_unchanged_limits_and_resets_changed_ones() {
     let mut p = bare();
     p.api_key.insert("a".into(), gcra(60, 60, 5));

@@ -34,8 +34,9 @@
 //! `observe` is O(1), allocation-free and lock-free: a dozen float adds, a few bit sets, a
 //! dozen word operations for the SimHash centroid vote, two compares for housekeeping (a
 //! decay fold with one `exp2` at most once per second, and a window rotation at most once per
-//! window). `evaluate` returns after two compares unless `evaluate_every_ms` passed since the
-//! subject's last evaluation; a full evaluation reads the sketches, looks up at most five
+//! window). `evaluate` returns after a few compares unless `evaluate_every_ms` passed since the
+//! subject's last evaluation and either `evaluate_min_requests` requests arrived since or
+//! `evaluate_max_ms` passed; a full evaluation reads the sketches, looks up at most five
 //! families in the cross index (the centroid's four bands and the dominant template), and
 //! allocates only when the level changes (the reasons of the [`Transition`]). Each check
 //! files its request under exactly one family (`CrossIndex::observe`, one shard lock).
@@ -336,7 +337,10 @@ impl BehaviorParams {
             kids_window_ns: policy.propagation.window_s.saturating_mul(NS_PER_S),
             eval_ns: policy.evaluate_every_ms.saturating_mul(1_000_000),
             eval_min_requests: policy.evaluate_min_requests,
-            eval_max_ns: policy.evaluate_max_ms.saturating_mul(1_000_000),
+            eval_max_ns: policy
+                .evaluate_max_ms
+                .max(policy.evaluate_every_ms)
+                .saturating_mul(1_000_000),
             near_bits: policy.near_bits,
             min_requests: policy.min_requests,
             pinned_pressure: d.pinned.pressure as f32,
@@ -441,8 +445,10 @@ impl SubjectBehavior {
     }
 
     /// Re-evaluates detectors, score and level, at most once per `evaluate_every_ms` of the
-    /// subject's clock (earlier after `child_escalated` reports a new key, or when the clock
-    /// went backwards); otherwise returns `None` after two compares. Returns `Some`
+    /// subject's clock and then only once `evaluate_min_requests` requests arrived since the
+    /// last evaluation or `evaluate_max_ms` passed (at once after `child_escalated` reports a
+    /// new key, or when the clock went backwards); otherwise returns `None` after a few
+    /// compares. Returns `Some`
     /// only when a level changed: the enforced level's change (`shadow: false`) if it changed,
     /// else the reported level's change (`shadow: true`).
     #[inline]

@@ -56,9 +56,10 @@ pub struct BehaviorPolicy {
     /// extractor, at several requests per second, is scored every second as before.
     pub evaluate_min_requests: u32,
     /// A subject is re-evaluated on its next request once this long has passed since its
-    /// last evaluation, whatever `evaluate_min_requests` says (milliseconds, at least
-    /// `evaluate_every_ms`). Default `30000`: escalation of a slow subject is delayed by at
-    /// most half a minute, against signals that take minutes to build.
+    /// last evaluation, whatever `evaluate_min_requests` says (milliseconds; a value below
+    /// `evaluate_every_ms` counts as `evaluate_every_ms`). Default `30000`: a slow subject's
+    /// level changes (up or down) are delayed by at most half a minute, against signals that
+    /// take minutes to build.
     pub evaluate_max_ms: u64,
     /// Half-life of the decayed rate counters (requests, output tokens, logprob requests,
     /// pinned requests), in seconds. Default `120`: a human burst of twenty requests is
@@ -847,11 +848,11 @@ impl BehaviorPolicy {
         {
             return Err(invalid(path, "throttle_factor", "must be in (0, 1]"));
         }
-        if self.evaluate_max_ms < self.evaluate_every_ms {
+        if self.evaluate_min_requests > u32::from(u16::MAX) {
             return Err(invalid(
                 path,
-                "evaluate_max_ms",
-                "must be at least evaluate_every_ms",
+                "evaluate_min_requests",
+                "must be at most 65535",
             ));
         }
         positive_secs(path, "rate_half_life_s", self.rate_half_life_s)?;
@@ -1186,13 +1187,19 @@ mod tests {
         );
 
         let p = BehaviorPolicy {
-            evaluate_max_ms: 10,
+            evaluate_min_requests: 70_000,
             ..BehaviorPolicy::default()
         };
         assert!(matches!(
             p.validate("behavior").unwrap_err(),
-            ConfigError::Invalid { ref path, .. } if path == "behavior.evaluate_max_ms"
+            ConfigError::Invalid { ref path, .. } if path == "behavior.evaluate_min_requests"
         ));
+        // An old config with a long evaluate_every_ms and no evaluate_max_ms stays valid.
+        let p = BehaviorPolicy {
+            evaluate_every_ms: 60_000,
+            ..BehaviorPolicy::default()
+        };
+        p.validate("behavior").unwrap();
 
         let mut p = BehaviorPolicy::default();
         p.levels.challenge.up = 1.0;

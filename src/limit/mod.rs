@@ -45,7 +45,7 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    #[cfg(ratewarden_loom)]
+    #[cfg(all(test, ratewarden_loom))]
     fn is_ok(self) -> bool {
         matches!(self, Outcome::Ok(_))
     }
