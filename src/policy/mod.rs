@@ -4,6 +4,7 @@ mod compile;
 mod config;
 
 #[cfg(test)]
+#[cfg(all(test, feature = "tower"))]
 pub(crate) use compile::intern as intern_name;
 pub(crate) use compile::{compile, Compiled, LimitRt, LimitSet};
 pub use config::{ClusterConfig, LimitConfig, Override, Period, Policy, TableConfig};
