@@ -144,3 +144,44 @@ fn token_settlements_from_many_threads_add_up() {
         1_000_000 - 800 * 50
     );
 }
+
+#[test]
+fn stats_are_exact_with_more_threads_than_owned_stripes() {
+    // The first 16 counting threads of the process own a stripe; the rest share atomically
+    // bumped ones. Forty threads (three rounds, so thread ids keep growing) must still add up.
+    let mut p = bare();
+    p.api_key.insert("rpm".into(), gcra(60, 60, 100));
+    let (w, _clock) = warden(p);
+    let mut admitted = 0u64;
+    for _round in 0..3 {
+        let barrier = Barrier::new(40);
+        let ok = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for t in 0..40 {
+                let (barrier, ok, w) = (&barrier, &ok, &w);
+                s.spawn(move || {
+                    barrier.wait();
+                    for j in 0..50 {
+                        // Half the threads share one key (it runs out); the rest have their own.
+                        let key = if t % 2 == 0 {
+                            "shared".to_string()
+                        } else {
+                            format!("k{t}-{j}")
+                        };
+                        if w.check(&Request::new(&key, "o", ip("10.0.0.1")))
+                            .is_allowed()
+                        {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        admitted += ok.load(Ordering::Relaxed);
+    }
+    let st = w.stats();
+    assert_eq!(st.allowed, admitted);
+    assert_eq!(st.allowed + st.denied_rate, 3 * 40 * 50);
+    // The shared key admitted exactly its burst over the three rounds (clock frozen).
+    assert_eq!(st.denied_rate, 3 * 20 * 50 - 100);
+}
