@@ -188,11 +188,15 @@ impl Denial {
     /// Response headers: the rate-limit set of [`Permit::headers`] plus `Retry-After` in whole
     /// seconds, rounded up and never 0.
     pub fn headers(&self) -> Vec<(&'static str, String)> {
-        let mut h = crate::headers::rate_limit_headers(&self.info);
-        if let Some(s) = crate::headers::retry_after_secs(self.retry_after) {
-            h.push(("retry-after", s.to_string()));
-        }
+        let mut h = Vec::new();
+        self.visit_headers(&mut String::new(), &mut |n, v| h.push((n, v.to_owned())));
         h
+    }
+
+    /// [`headers`](Self::headers), one at a time, formatted into `buf`.
+    pub(crate) fn visit_headers(&self, buf: &mut String, f: &mut impl FnMut(&'static str, &str)) {
+        crate::headers::visit_rate_limit_headers(&self.info, buf, f);
+        crate::headers::visit_retry_after(self.retry_after, buf, f);
     }
 }
 
@@ -426,6 +430,12 @@ impl OwnedPermit {
     /// As [`Permit::headers`].
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         crate::headers::rate_limit_headers(&self.rate_limit())
+    }
+
+    /// [`headers`](Self::headers), one at a time, formatted into `buf`.
+    #[cfg(feature = "tower")]
+    pub(crate) fn visit_headers(&self, buf: &mut String, f: &mut impl FnMut(&'static str, &str)) {
+        crate::headers::visit_rate_limit_headers(&self.rate_limit(), buf, f);
     }
 
     /// As [`Permit::level`].

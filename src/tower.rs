@@ -787,10 +787,12 @@ fn header_name(name: &'static str) -> Option<HeaderName> {
     HeaderName::from_bytes(name.as_bytes()).ok()
 }
 
-fn put_headers(map: &mut HeaderMap, pairs: Vec<(&'static str, String)>) {
-    map.reserve(pairs.len());
-    for (name, value) in pairs {
-        if let (Some(n), Ok(v)) = (header_name(name), HeaderValue::try_from(value)) {
+/// A sink for `visit_headers` that inserts each header into `map` (room for all of them is
+/// reserved first; each value is copied once, into its `HeaderValue`).
+fn put_headers(map: &mut HeaderMap) -> impl FnMut(&'static str, &str) + '_ {
+    map.reserve(9);
+    move |name, value| {
+        if let (Some(n), Ok(v)) = (header_name(name), HeaderValue::from_str(value)) {
             map.insert(n, v);
         }
     }
@@ -828,7 +830,7 @@ fn denial_response(d: &Denial) -> Response<String> {
     *res.status_mut() = status;
     let h = res.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-    put_headers(h, d.headers());
+    d.visit_headers(&mut String::with_capacity(96), &mut put_headers(h));
     res
 }
 
@@ -884,7 +886,10 @@ where
                 let (mut parts, body) = res.into_parts();
                 let permit = permit.take();
                 if let Some(p) = &permit {
-                    put_headers(&mut parts.headers, p.headers());
+                    p.visit_headers(
+                        &mut String::with_capacity(96),
+                        &mut put_headers(&mut parts.headers),
+                    );
                 }
                 let usage = parts.extensions.get::<Usage>().map(|u| u.output_tokens);
                 let body = WardenBody {
