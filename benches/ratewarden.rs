@@ -424,7 +424,14 @@ fn bench_replay(c: &mut Criterion) {
             black_box(n)
         })
     });
-    for (name, limits_only) in [("limits_only", true), ("with_behavior", false)] {
+    // `serial`: parse, check and settle on one thread; `pipelined`: the replay CLI's path,
+    // with a helper thread parsing batches while this one decides.
+    for (name, limits_only, pipelined) in [
+        ("limits_only/serial", true, false),
+        ("limits_only/pipelined", true, true),
+        ("with_behavior/serial", false, false),
+        ("with_behavior/pipelined", false, true),
+    ] {
         g.bench_function(format!("parse_and_check/{name}"), |b| {
             b.iter(|| {
                 let clock = ManualClock::new();
@@ -443,7 +450,12 @@ fn bench_replay(c: &mut Criterion) {
                         ..Default::default()
                     },
                 );
-                r.run(text.as_bytes(), std::io::sink()).unwrap().requests
+                let s = if pipelined {
+                    r.run(text.as_bytes(), std::io::sink())
+                } else {
+                    r.run_serial(text.as_bytes(), std::io::sink())
+                };
+                s.unwrap().requests
             })
         });
     }

@@ -2,7 +2,10 @@
 //!
 //! ```text
 //! cargo run --release --example replay -- [--policy FILE] [--limits-only] [--shadow] \
-//!     [--expected-output N] [--quiet] < trace.jsonl > decisions.jsonl
+//!     [--expected-output N] [--serial] [--quiet] < trace.jsonl > decisions.jsonl
+//!
+//! By default a helper thread parses batches of lines while the main thread decides
+//! (`--serial`: one thread; the output is byte for byte the same).
 //! ```
 //!
 //! The summary (requests, allowed, denied by reason, decisions by level, malformed lines,
@@ -16,12 +19,13 @@ use std::process::ExitCode;
 
 use ratewarden::{ManualClock, Policy, Warden};
 
-const USAGE: &str = "usage: replay [--policy FILE.toml|FILE.json] [--limits-only] [--shadow] [--expected-output N] [--quiet] < trace.jsonl > decisions.jsonl";
+const USAGE: &str = "usage: replay [--policy FILE.toml|FILE.json] [--limits-only] [--shadow] [--expected-output N] [--serial] [--quiet] < trace.jsonl > decisions.jsonl";
 
 fn run() -> Result<(), String> {
     let mut policy = None;
     let mut limits_only = false;
     let mut shadow = false;
+    let mut serial = false;
     let mut opts = replay::Options::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -29,6 +33,7 @@ fn run() -> Result<(), String> {
             "--policy" => policy = Some(args.next().ok_or("--policy needs a file")?),
             "--limits-only" => limits_only = true,
             "--shadow" => shadow = true,
+            "--serial" => serial = true,
             "--quiet" => opts.verbose_errors = false,
             "--expected-output" => {
                 opts.expected_output = args
@@ -70,12 +75,14 @@ fn run() -> Result<(), String> {
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     let mut r = replay::Replayer::new(&warden, clock, opts);
-    let summary = r
-        .run(
-            BufReader::with_capacity(1 << 20, stdin.lock()),
-            BufWriter::new(stdout.lock()),
-        )
-        .map_err(|e| format!("i/o: {e}"))?;
+    let input = BufReader::with_capacity(1 << 20, stdin.lock());
+    let output = BufWriter::new(stdout.lock());
+    let summary = if serial {
+        r.run_serial(input, output)
+    } else {
+        r.run(input, output)
+    }
+    .map_err(|e| format!("i/o: {e}"))?;
     eprintln!("{summary}");
     Ok(())
 }

@@ -260,23 +260,114 @@ impl<'w> Replayer<'w> {
             .and_then(|l| self.apply(lineno, &l));
         match parsed {
             Ok(o) => o,
-            Err(e) => {
-                self.summary.malformed += 1;
-                if self.opts.verbose_errors {
-                    eprintln!("line {}: malformed, skipped: {e}", lineno + 1);
-                }
-                Outcome {
-                    allowed: false,
-                    level: Level::Normal,
-                    reason: Some("malformed_line".into()),
-                    retry_after_ms: None,
-                }
-            }
+            Err(e) => self.malformed(lineno, &e),
         }
     }
 
-    /// Streams `input` to `output`. Returns the summary (also kept in `self.summary`).
-    pub fn run(&mut self, input: impl BufRead, mut output: impl Write) -> std::io::Result<Summary> {
+    /// Streams `input` to `output` on two threads: this one reads the input, decides and
+    /// writes; a helper thread parses batches of lines meanwhile (JSON parsing is about as
+    /// costly as the check). Decisions, counts and error reports are exactly those of
+    /// [`run_serial`](Self::run_serial), in the same order. Returns the summary (also kept in
+    /// `self.summary`).
+    pub fn run(
+        &mut self,
+        mut input: impl BufRead,
+        mut output: impl Write,
+    ) -> std::io::Result<Summary> {
+        use std::sync::mpsc::sync_channel;
+        const BATCH: usize = 1024;
+        // Bounded: at most `AHEAD` batches between reading and deciding, so memory stays
+        // bounded and neither thread can wait on the other forever (see the comment below).
+        const AHEAD: usize = 3;
+        let start = Instant::now();
+        let mut out = String::with_capacity(1 << 16);
+        let mut i = 0u64;
+        std::thread::scope(|scope| -> std::io::Result<()> {
+            let (raw_tx, raw_rx) = sync_channel::<Vec<u8>>(2);
+            let (parsed_tx, parsed_rx) = sync_channel::<Batch>(2);
+            scope.spawn(move || {
+                for raw in raw_rx {
+                    if parsed_tx.send(Batch::parse(&raw)).is_err() {
+                        break;
+                    }
+                }
+            });
+            // Up to AHEAD batches are in flight: 2 in `raw_tx`, 1 in the parser's hands, 2 in
+            // `parsed_tx` hold 5 >= AHEAD, so a send never waits on a receive that only this
+            // thread would make.
+            let mut in_flight = 0usize;
+            let mut eof = false;
+            while !eof || in_flight > 0 {
+                if !eof {
+                    let mut raw = Vec::with_capacity(BATCH * 256);
+                    let mut lines = 0;
+                    while lines < BATCH {
+                        let before = raw.len();
+                        if input.read_until(b'\n', &mut raw)? == 0 {
+                            eof = true;
+                            break;
+                        }
+                        if raw.last() != Some(&b'\n') {
+                            raw.push(b'\n');
+                        }
+                        debug_assert!(raw.len() > before);
+                        lines += 1;
+                    }
+                    if lines > 0 {
+                        raw_tx.send(raw).expect("parser thread alive");
+                        in_flight += 1;
+                    }
+                    if in_flight < AHEAD && !eof {
+                        continue;
+                    }
+                }
+                if in_flight == 0 {
+                    break;
+                }
+                let batch = parsed_rx.recv().expect("parser thread alive");
+                in_flight -= 1;
+                for item in &batch.items {
+                    let o = match item {
+                        Ok(p) => self.apply_parts(i, &p.parts(&batch.arena)),
+                        Err(e) => self.malformed(i, e),
+                    };
+                    write_decision(&mut out, i, &o);
+                    i += 1;
+                    if out.len() > (1 << 16) - 256 {
+                        output.write_all(out.as_bytes())?;
+                        out.clear();
+                    }
+                }
+            }
+            drop(raw_tx);
+            Ok(())
+        })?;
+        output.write_all(out.as_bytes())?;
+        output.flush()?;
+        self.summary.elapsed = start.elapsed();
+        Ok(self.summary.clone())
+    }
+
+    /// Counts and reports a malformed line; its decision.
+    fn malformed(&mut self, lineno: u64, e: &str) -> Outcome {
+        self.summary.malformed += 1;
+        if self.opts.verbose_errors {
+            eprintln!("line {}: malformed, skipped: {e}", lineno + 1);
+        }
+        Outcome {
+            allowed: false,
+            level: Level::Normal,
+            reason: Some("malformed_line".into()),
+            retry_after_ms: None,
+        }
+    }
+
+    /// [`run`](Self::run) on this thread alone: parse, decide and write line by line.
+    pub fn run_serial(
+        &mut self,
+        input: impl BufRead,
+        mut output: impl Write,
+    ) -> std::io::Result<Summary> {
         let start = Instant::now();
         let mut buf = String::with_capacity(512);
         let mut out = String::with_capacity(1 << 16);
@@ -287,9 +378,8 @@ impl<'w> Replayer<'w> {
             let n = match input.read_line(&mut buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    // Not UTF-8: skip to the next newline and count it as malformed.
-                    let mut raw = Vec::new();
-                    input.read_until(b'\n', &mut raw)?;
+                    // Not UTF-8: `read_line` consumed the line (through its newline) and left
+                    // `buf` empty; count it as malformed.
                     let o = self.apply_text(i, "\u{fffd}");
                     write_decision(&mut out, i, &o);
                     i += 1;
@@ -313,6 +403,97 @@ impl<'w> Replayer<'w> {
         output.flush()?;
         self.summary.elapsed = start.elapsed();
         Ok(self.summary.clone())
+    }
+}
+
+/// A request parsed off the reading thread: strings as ranges into the batch's arena.
+#[derive(Debug)]
+struct OwnedParts {
+    ts_ms: u64,
+    api_key: (usize, usize),
+    org: (usize, usize),
+    ip: IpAddr,
+    input_tokens: u64,
+    output_tokens: u64,
+    model: Option<(usize, usize)>,
+    prompt_fp: Option<u64>,
+    prompt_simhash: Option<u64>,
+    template_fp: Option<u64>,
+    logprobs: bool,
+}
+
+impl OwnedParts {
+    fn parts<'a>(&self, arena: &'a str) -> Parts<'a> {
+        let s = |(a, b): (usize, usize)| &arena[a..b];
+        Parts {
+            ts_ms: self.ts_ms,
+            api_key: s(self.api_key),
+            org: s(self.org),
+            ip: self.ip,
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            model: self.model.map(s),
+            prompt_fp: self.prompt_fp,
+            prompt_simhash: self.prompt_simhash,
+            template_fp: self.template_fp,
+            logprobs: self.logprobs,
+        }
+    }
+}
+
+/// A batch of parsed lines, in input order; a malformed line is its error message.
+#[derive(Debug, Default)]
+struct Batch {
+    arena: String,
+    items: Vec<Result<OwnedParts, String>>,
+}
+
+impl Batch {
+    /// Parses newline-terminated lines (`\r\n` accepted) exactly as `apply_text` would.
+    fn parse(raw: &[u8]) -> Batch {
+        let mut b = Batch {
+            arena: String::with_capacity(raw.len() / 4),
+            items: Vec::with_capacity(1024),
+        };
+        for line in raw.split_inclusive(|&c| c == b'\n') {
+            let line = line.strip_suffix(b"\n").unwrap_or(line);
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let item = match std::str::from_utf8(line) {
+                // As `run_serial`, which sees U+FFFD for a line that is not UTF-8.
+                Err(_) => Batch::line("\u{fffd}", &mut b.arena),
+                Ok(text) => Batch::line(text, &mut b.arena),
+            };
+            b.items.push(item);
+        }
+        b
+    }
+
+    fn line(text: &str, arena: &mut String) -> Result<OwnedParts, String> {
+        let l = serde_json::from_str::<Line<'_>>(text).map_err(|e| e.to_string())?;
+        let ip: IpAddr =
+            l.ip.parse()
+                .map_err(|_| format!("ip: invalid address {:?}", l.ip))?;
+        let prompt_fp = hex("prompt_fp", &l.prompt_fp)?;
+        let prompt_simhash = hex("prompt_simhash", &l.prompt_simhash)?;
+        let template_fp = hex("template_fp", &l.template_fp)?;
+        let mut put = |s: &str| {
+            let a = arena.len();
+            arena.push_str(s);
+            (a, arena.len())
+        };
+        Ok(OwnedParts {
+            ts_ms: l.ts_ms,
+            api_key: put(&l.api_key),
+            org: put(&l.org),
+            ip,
+            input_tokens: l.input_tokens,
+            output_tokens: l.output_tokens,
+            model: l.model.as_deref().map(&mut put),
+            prompt_fp,
+            prompt_simhash,
+            template_fp,
+            logprobs: l.logprobs,
+        })
     }
 }
 
