@@ -2,7 +2,11 @@
 //!
 //! ```text
 //! cargo run --release --example replay -- [--policy FILE] [--limits-only] [--shadow] \
-//!     [--expected-output N] [--serial] [--quiet] < trace.jsonl > decisions.jsonl
+//!     [--expected-output N] [--serial] [--seed N] [--quiet] < trace.jsonl > decisions.jsonl
+//!
+//! `--seed N` fixes the warden's hashing seed, so that runs with the behavioural layer on
+//! give the same decisions (by default the seed is random, and runs may differ by a decision
+//! or two).
 //!
 //! By default a helper thread parses batches of lines while the main thread decides
 //! (`--serial`: one thread; the output is byte for byte the same).
@@ -19,13 +23,14 @@ use std::process::ExitCode;
 
 use ratewarden::{ManualClock, Policy, Warden};
 
-const USAGE: &str = "usage: replay [--policy FILE.toml|FILE.json] [--limits-only] [--shadow] [--expected-output N] [--serial] [--quiet] < trace.jsonl > decisions.jsonl";
+const USAGE: &str = "usage: replay [--policy FILE.toml|FILE.json] [--limits-only] [--shadow] [--expected-output N] [--serial] [--seed N] [--quiet] < trace.jsonl > decisions.jsonl";
 
 fn run() -> Result<(), String> {
     let mut policy = None;
     let mut limits_only = false;
     let mut shadow = false;
     let mut serial = false;
+    let mut seed = None;
     let mut opts = replay::Options::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -34,6 +39,13 @@ fn run() -> Result<(), String> {
             "--limits-only" => limits_only = true,
             "--shadow" => shadow = true,
             "--serial" => serial = true,
+            "--seed" => {
+                seed = Some(
+                    args.next()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .ok_or("--seed needs a non-negative integer")?,
+                );
+            }
             "--quiet" => opts.verbose_errors = false,
             "--expected-output" => {
                 opts.expected_output = args
@@ -67,11 +79,11 @@ fn run() -> Result<(), String> {
         policy.behavior.shadow = true;
     }
     let clock = ManualClock::new();
-    let warden = Warden::builder()
-        .policy(policy)
-        .clock(clock.clone())
-        .build()
-        .map_err(|e| format!("policy: {e}"))?;
+    let mut builder = Warden::builder().policy(policy).clock(clock.clone());
+    if let Some(s) = seed {
+        builder = builder.seed(s);
+    }
+    let warden = builder.build().map_err(|e| format!("policy: {e}"))?;
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     let mut r = replay::Replayer::new(&warden, clock, opts);

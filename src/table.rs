@@ -50,9 +50,18 @@ pub(crate) struct Namer {
 }
 
 impl Namer {
-    pub(crate) fn new() -> Self {
+    /// A namer with a random seed, or with `seed` (reproducible ids).
+    pub(crate) fn new(seed: Option<u64>) -> Self {
         Self {
-            a: ahash::RandomState::new(),
+            a: match seed {
+                None => ahash::RandomState::new(),
+                Some(s) => ahash::RandomState::with_seeds(
+                    s,
+                    s ^ 0x243F_6A88_85A3_08D3,
+                    s ^ 0x1319_8A2E_0370_7344,
+                    s ^ 0xA409_3822_299F_31D0,
+                ),
+            },
         }
     }
 

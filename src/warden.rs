@@ -37,6 +37,7 @@ pub struct WardenBuilder {
     clock: Option<Arc<dyn Clock>>,
     hooks: Vec<Box<dyn EscalationHook>>,
     event_capacity: Option<usize>,
+    seed: Option<u64>,
 }
 
 impl std::fmt::Debug for dyn EscalationHook {
@@ -72,6 +73,26 @@ impl WardenBuilder {
         self
     }
 
+    /// Fixes the warden's hashing seed (subject ids, behavioural sketches, the cross-subject
+    /// index) instead of drawing a random one, so that a replay with the behavioural layer on
+    /// gives the same decisions every time.
+    ///
+    /// For replays, simulations and tests only: with a known seed, a client could choose
+    /// names that collide or that crowd one sketch bucket. Serving wardens should keep the
+    /// default, a random seed per warden.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ratewarden::{ManualClock, Warden};
+    /// let w = Warden::builder().clock(ManualClock::new()).seed(42).build().unwrap();
+    /// # let _ = w;
+    /// ```
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
     /// Validates the policy and builds the warden.
     ///
     /// # Errors
@@ -79,7 +100,9 @@ impl WardenBuilder {
     /// A [`ConfigError`] naming the first invalid field.
     pub fn build(self) -> Result<Warden, ConfigError> {
         let policy = self.policy.unwrap_or_else(Policy::llm_api);
-        let seed = ahash::RandomState::new().hash_one(0x5EED_u64);
+        let seed = self
+            .seed
+            .unwrap_or_else(|| ahash::RandomState::new().hash_one(0x5EED_u64));
         let compiled = compile(&policy, 1, seed, None)?;
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
         let now = clock.now_nanos();
@@ -97,7 +120,7 @@ impl WardenBuilder {
             keys: Table::new(max, idle, overflow(SubjectKind::ApiKey), PassThrough),
             orgs: Table::new(max, idle, overflow(SubjectKind::Org), PassThrough),
             clusters: Table::new(max, idle, overflow(SubjectKind::IpCluster), PassThrough),
-            namer: Namer::new(),
+            namer: Namer::new(self.seed),
             fast: AtomicU64::new(FastPolicy::of(&compiled).encode()),
             policy: ArcSwap::from_pointee(compiled),
             policy_lock: Mutex::new(()),

@@ -172,10 +172,9 @@ fn pipelined_and_serial_replays_write_the_same_bytes() {
     assert!(trace.lines().count() > 3 * 1024, "spans several batches");
     let run = |pipelined: bool| {
         let clock = ManualClock::new();
-        // Limits only: the behavioural sketches are seeded per warden, so two wardens with
-        // the layer on may differ by a decision or two.
-        // A tight per-key limit, so denials (with retry-after) are compared too.
-        let mut p = Policy::llm_api_limits_only();
+        // A tight per-key limit, so denials (with retry-after) are compared too; behaviour on,
+        // with a fixed seed so that two wardens decide alike.
+        let mut p = Policy::llm_api();
         p.api_key.insert(
             "requests_per_minute".into(),
             ratewarden::LimitConfig::Gcra {
@@ -187,6 +186,7 @@ fn pipelined_and_serial_replays_write_the_same_bytes() {
         let w = Warden::builder()
             .policy(p)
             .clock(clock.clone())
+            .seed(99)
             .build()
             .unwrap();
         let mut r = replay::Replayer::new(
@@ -219,4 +219,36 @@ fn pipelined_and_serial_replays_write_the_same_bytes() {
     let (a, b) = (String::from_utf8(a).unwrap(), String::from_utf8(b).unwrap());
     assert_eq!(a.lines().count() as u64, sa.requests + sa.malformed);
     assert!(a == b, "pipelined and serial outputs differ");
+}
+
+#[test]
+fn a_fixed_seed_makes_replays_with_behaviour_repeatable() {
+    let (trace, _) = simulate(5, 20);
+    let run = || {
+        let clock = ManualClock::new();
+        let w = Warden::builder()
+            .policy(Policy::llm_api())
+            .clock(clock.clone())
+            .seed(7)
+            .build()
+            .unwrap();
+        let mut r = replay::Replayer::new(
+            &w,
+            clock,
+            replay::Options {
+                verbose_errors: false,
+                ..Default::default()
+            },
+        );
+        let mut out = Vec::new();
+        let s = r.run(trace.as_bytes(), &mut out).unwrap();
+        (String::from_utf8(out).unwrap(), s)
+    };
+    let (a, sa) = run();
+    let (b, _) = run();
+    assert!(
+        sa.decisions_by_level[1..].iter().sum::<u64>() > 0,
+        "behaviour acted: {sa:?}"
+    );
+    assert!(a == b, "same seed, different decisions");
 }
