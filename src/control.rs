@@ -66,7 +66,7 @@ impl Warden {
                 .ok_or_else(|| ControlError::BadCluster(subject.id.clone())),
             // The anonymous key of a cluster, as events name it.
             SubjectKind::ApiKey => match subject.id.strip_prefix("anon:").and_then(cluster) {
-                Some(c) => Ok(Handle::Name(self.namer().anonymous(c.bits()))),
+                Some(c) => Ok(Handle::Anonymous(self.namer().anonymous(c.bits()))),
                 None => Ok(Handle::Name(self.namer().id(&subject.id))),
             },
             SubjectKind::Org => Ok(Handle::Name(self.namer().id(&subject.id))),

@@ -205,6 +205,8 @@ impl Denial {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Handle {
     Name(Id),
+    /// The anonymous key of an IP cluster (requests without an API key).
+    Anonymous(Id),
     /// An IP cluster by its prefix bits (as two words: no 16-byte alignment in permits).
     Cluster([u64; 2]),
     Overflow,
@@ -218,6 +220,8 @@ pub(crate) struct Handles {
     cluster: [u64; 2],
     present: u8,
     overflow: u8,
+    /// The key subject is its cluster's anonymous key.
+    anonymous: bool,
 }
 
 impl Handles {
@@ -225,6 +229,12 @@ impl Handles {
     pub(crate) fn set(&mut self, i: usize, id: Id) {
         self.ids[i] = id.0;
         self.present |= 1 << i;
+    }
+
+    #[inline]
+    pub(crate) fn set_anonymous(&mut self, id: Id) {
+        self.set(0, id);
+        self.anonymous = true;
     }
 
     #[inline]
@@ -260,6 +270,8 @@ impl Handles {
             Some(Handle::Overflow)
         } else if i == 2 {
             Some(Handle::Cluster(self.cluster))
+        } else if i == 0 && self.anonymous {
+            Some(Handle::Anonymous(Id(self.ids[0])))
         } else {
             Some(Handle::Name(Id(self.ids[i])))
         }

@@ -103,7 +103,9 @@ impl WardenBuilder {
         let seed = self
             .seed
             .unwrap_or_else(|| ahash::RandomState::new().hash_one(0x5EED_u64));
-        let compiled = compile(&policy, 1, seed, None)?;
+        let namer = Namer::new(self.seed);
+        let mut compiled = compile(&policy, 1, seed, None)?;
+        compiled.index_ids(&namer);
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
         let now = clock.now_nanos();
         let overflow = |k: SubjectKind| {
@@ -120,7 +122,7 @@ impl WardenBuilder {
             keys: Table::new(max, idle, overflow(SubjectKind::ApiKey), PassThrough),
             orgs: Table::new(max, idle, overflow(SubjectKind::Org), PassThrough),
             clusters: Table::new(max, idle, overflow(SubjectKind::IpCluster), PassThrough),
-            namer: Namer::new(self.seed),
+            namer,
             fast: AtomicU64::new(FastPolicy::of(&compiled).encode()),
             policy: ArcSwap::from_pointee(compiled),
             policy_lock: Mutex::new(()),
@@ -237,7 +239,11 @@ impl Warden {
                     true,
                 ),
             };
-            handles.set(0, id);
+            if anonymous {
+                handles.set_anonymous(id);
+            } else {
+                handles.set(0, id);
+            }
             self.keys.get_or_insert(
                 id,
                 now,
@@ -684,7 +690,8 @@ impl Warden {
         let _g = self.policy_lock.lock();
         let generation = self.policy.load().generation + 1;
         let prev = self.policy.load_full();
-        let compiled = compile(&policy, generation & 0xffff_ffff, self.seed, Some(&prev))?;
+        let mut compiled = compile(&policy, generation & 0xffff_ffff, self.seed, Some(&prev))?;
+        compiled.index_ids(&self.namer);
         let now = self.now();
         let (max, idle) = (compiled.max_subjects, compiled.idle_ns);
         for (kind, table) in [
@@ -742,7 +749,9 @@ impl Warden {
         let make = |pol: &Compiled| {
             let set = match h {
                 Handle::Cluster(bits) => pol.set_for_cluster(join(bits)),
-                _ => &pol.defaults[kind.index()],
+                Handle::Anonymous(_) => &pol.anonymous,
+                Handle::Name(id) => pol.set_for_id(kind, id),
+                Handle::Overflow => &pol.defaults[kind.index()],
             };
             self.new_entry(set, pol, now, kind)
         };
@@ -765,7 +774,7 @@ impl Warden {
                     f(&r);
                 }
             }
-            (kind, Handle::Name(id)) => {
+            (kind, Handle::Name(id) | Handle::Anonymous(id)) => {
                 let table = if kind == SubjectKind::Org {
                     &self.orgs
                 } else {

@@ -560,3 +560,69 @@ fn unique_key_flood_stays_within_the_cap() {
     assert!(allowed_overflow <= 20 + 4, "{allowed_overflow}");
     assert!(allowed_overflow >= 20);
 }
+
+#[test]
+fn a_settle_that_comes_first_after_a_policy_swap_keeps_the_key_override() {
+    let mut p = bare();
+    p.api_key.insert("rpm".into(), gcra(60, 60, 5));
+    p.api_key.insert("tpm".into(), tokens(1_000_000, 60));
+    p.overrides.push(Override {
+        kind: SubjectKind::ApiKey,
+        id: "sk-ent".into(),
+        limits: [
+            ("rpm".to_string(), gcra(600, 60, 50)),
+            ("tpm".to_string(), tokens(1_000_000, 60)),
+        ]
+        .into_iter()
+        .collect(),
+        exempt_behavior: false,
+    });
+    let (w, _clock) = warden(p.clone());
+    let req = Request::new("sk-ent", "", ip("10.0.0.1"))
+        .input_tokens(10)
+        .expected_output_tokens(10);
+    let Decision::Allow(permit) = w.check(&req) else {
+        panic!("first request")
+    };
+    // Another limit changes: a new generation, the key's entry is laid out afresh on its
+    // next touch, which here is the settle.
+    p.org.insert("rpm".into(), gcra(60, 60, 5));
+    w.set_policy(p).unwrap();
+    permit.settle(500);
+    // Still the override's burst of 50 (one used), not the default's 5.
+    assert_eq!(
+        count_allowed(&w, &Request::new("sk-ent", "", ip("10.0.0.1")), 60),
+        49
+    );
+}
+
+#[test]
+fn an_evicted_anonymous_bucket_comes_back_with_the_anonymous_limits_on_settle() {
+    let mut p = bare();
+    p.api_key.insert("rpm".into(), gcra(60, 60, 20));
+    p.anonymous = Some(
+        [
+            ("anon_rpm".to_string(), gcra(60, 60, 20)),
+            ("anon_tpm".to_string(), tokens(1_000, 60)),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    p.table.idle_timeout = Period(Duration::from_secs(120));
+    let (w, clock) = warden(p);
+    let req = Request::anonymous(ip("203.0.113.5"))
+        .input_tokens(10)
+        .expected_output_tokens(10);
+    let Decision::Allow(permit) = w.check(&req) else {
+        panic!("first request")
+    };
+    // A long stream: the bucket refills and is evicted while the response is running.
+    clock.advance(Duration::from_secs(600));
+    assert_eq!(w.maintain(), 1);
+    // The settle re-creates it with a debt of 990 tokens against the anonymous 1,000.
+    permit.settle(1_000);
+    let Decision::Deny(d) = w.check(&req) else {
+        panic!("the debt is charged to the anonymous bucket")
+    };
+    assert_eq!(d.reason(), "api_key:anon_tpm");
+}

@@ -59,6 +59,10 @@ pub(crate) struct Compiled {
     pub(crate) defaults: [Arc<LimitSet>; 3],
     pub(crate) anonymous: Arc<LimitSet>,
     pub(crate) by_name: [HashMap<String, Arc<LimitSet>>; 2],
+    /// `by_name` keyed by subject id (see [`Compiled::index_ids`]), for paths that know a
+    /// subject only by its id: a permit settling into a subject that was evicted or laid out
+    /// by an older policy meanwhile.
+    pub(crate) by_id: [HashMap<u64, Arc<LimitSet>>; 2],
     pub(crate) by_cluster: HashMap<u128, Arc<LimitSet>>,
     /// Whether a kind needs tracking at all: it has limits (defaults or overrides) or the
     /// behavioural layer is on. An inactive kind costs nothing per check.
@@ -80,6 +84,27 @@ impl Compiled {
             }
         }
         &self.defaults[i]
+    }
+
+    /// The limit set of a key or org known by its id only.
+    pub(crate) fn set_for_id(&self, kind: SubjectKind, id: crate::table::Id) -> &Arc<LimitSet> {
+        let i = kind.index();
+        if i < 2 {
+            if let Some(s) = self.by_id[i].get(&id.0) {
+                return s;
+            }
+        }
+        &self.defaults[i]
+    }
+
+    /// Fills `by_id` from `by_name` with the warden's ids.
+    pub(crate) fn index_ids(&mut self, namer: &crate::table::Namer) {
+        for (by_id, by_name) in self.by_id.iter_mut().zip(&self.by_name) {
+            *by_id = by_name
+                .iter()
+                .map(|(name, set)| (namer.id(name).0, set.clone()))
+                .collect();
+        }
     }
 
     /// The limit set of a cluster.
@@ -343,6 +368,7 @@ pub(crate) fn compile(
         defaults,
         anonymous,
         by_name,
+        by_id: Default::default(),
         by_cluster,
         max_subjects: p.table.max_subjects,
         idle_ns,
