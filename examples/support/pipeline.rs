@@ -18,15 +18,18 @@ use super::eval;
 use super::replay::{Options, Parts, Replayer, Summary};
 use super::sim::{self, Role, SimConfig, TraceRecord};
 
-/// Runs `records` through a fresh warden with `policy`; returns the decisions and summary.
+/// Runs `records` through a fresh warden with `policy` and hashing seed `seed` (so that a
+/// run is repeatable); returns the decisions and summary.
 pub fn run_policy(
     records: &[(TraceRecord, sim::TruthRecord)],
     policy: Policy,
+    seed: u64,
 ) -> (Vec<eval::EvalDecision>, Summary) {
     let clock = ManualClock::new();
     let warden = Warden::builder()
         .policy(policy)
         .clock(clock.clone())
+        .seed(seed)
         .build()
         .expect("valid policy");
     let mut r = Replayer::new(
@@ -76,15 +79,16 @@ pub struct Run {
 }
 
 /// Simulates `cfg`, replays it with `policy` and with the same policy limits-only, and
-/// evaluates.
+/// evaluates. The wardens' hashing seed is the simulation's seed, so the same `cfg` gives
+/// the same report.
 pub fn run(cfg: &SimConfig, policy: Policy) -> Result<Run, String> {
     let t = Instant::now();
     let records = sim::generate(cfg);
     let simulate = t.elapsed();
     let mut limits = policy.clone();
     limits.behavior.enabled = false;
-    let (base, limits_only) = run_policy(&records, limits);
-    let (dec, with_behavior) = run_policy(&records, policy);
+    let (base, limits_only) = run_policy(&records, limits, cfg.seed);
+    let (dec, with_behavior) = run_policy(&records, policy, cfg.seed);
     let trace: Vec<_> = records
         .iter()
         .map(|(r, _)| eval::EvalRequest::new(r.ts_ms, r.output_tokens))
