@@ -18,9 +18,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use governor::{Quota, RateLimiter};
-use ratewarden::{
-    Clock, ClusterConfig, Decision, LimitConfig, ManualClock, Period, Policy, Request, Warden,
-};
+use ratewarden::{Clock, ClusterConfig, Decision, LimitConfig, Period, Policy, Request, Warden};
 
 /// A generous quota: every check in a benchmark is an allow, on both sides.
 const RATE_PER_SEC: u32 = 1_000_000_000;
@@ -245,6 +243,24 @@ fn full_policy(behavior: bool) -> Policy {
     p
 }
 
+/// Request `i` of the `full` and `behavior` groups: token costs and prompt features.
+fn with_prompt(r: Request<'_>, i: usize) -> Request<'_> {
+    r.input_tokens(400)
+        .expected_output_tokens(800)
+        .prompt_fp(i as u64 * 0x9E37_79B9)
+        .prompt_simhash(i as u64 ^ 0xABCD)
+        .template_fp(i as u64 % 97)
+}
+
+/// Makes requests `0..n` live in `w` (checked and settled once each).
+fn fill<'a>(w: &Warden, n: usize, req: impl Fn(usize) -> Request<'a>) {
+    for i in 0..n {
+        if let Decision::Allow(p) = w.check(&req(i)) {
+            p.settle(700);
+        }
+    }
+}
+
 fn bench_full(c: &mut Criterion) {
     let mut g = c.benchmark_group("full");
     g.throughput(Throughput::Elements(1));
@@ -256,19 +272,8 @@ fn bench_full(c: &mut Criterion) {
     let ord = order(n);
     for behavior in [false, true] {
         let w = warden(full_policy(behavior));
-        let req = |i: usize| {
-            Request::new(&keys[i], &orgs[i / 10], ips[i])
-                .input_tokens(400)
-                .expected_output_tokens(800)
-                .prompt_fp(i as u64 * 0x9E37_79B9)
-                .prompt_simhash(i as u64 ^ 0xABCD)
-                .template_fp(i as u64 % 97)
-        };
-        for i in 0..n {
-            if let Decision::Allow(p) = w.check(&req(i)) {
-                p.settle(700);
-            }
-        }
+        let req = |i: usize| with_prompt(Request::new(&keys[i], &orgs[i / 10], ips[i]), i);
+        fill(&w, n, req);
         let name = if behavior {
             "behavior_on"
         } else {
@@ -303,19 +308,8 @@ fn bench_behavior(c: &mut Criterion) {
         p.org.clear();
         p.ip_cluster.clear();
         let w = warden(p);
-        let req = |i: usize| {
-            Request::new(&keys[i], "", IP)
-                .input_tokens(400)
-                .expected_output_tokens(800)
-                .prompt_fp(i as u64 * 0x9E37_79B9)
-                .prompt_simhash(i as u64 ^ 0xABCD)
-                .template_fp(i as u64 % 97)
-        };
-        for i in 0..n {
-            if let Decision::Allow(p) = w.check(&req(i)) {
-                p.settle(700);
-            }
-        }
+        let req = |i: usize| with_prompt(Request::new(&keys[i], "", IP), i);
+        fill(&w, n, req);
         let name = if behavior { "on" } else { "off" };
         let mut i = 0usize;
         g.bench_function(format!("ratewarden/100k_keys/{name}"), |b| {
@@ -434,28 +428,11 @@ fn bench_replay(c: &mut Criterion) {
     ] {
         g.bench_function(format!("parse_and_check/{name}"), |b| {
             b.iter(|| {
-                let clock = ManualClock::new();
                 let mut p = Policy::llm_api();
                 p.behavior.enabled = !limits_only;
-                let w = Warden::builder()
-                    .policy(p)
-                    .clock(clock.clone())
-                    .build()
-                    .unwrap();
-                let mut r = replay::Replayer::new(
-                    &w,
-                    clock,
-                    replay::Options {
-                        verbose_errors: false,
-                        ..Default::default()
-                    },
-                );
-                let s = if pipelined {
-                    r.run(text.as_bytes(), std::io::sink())
-                } else {
-                    r.run_serial(text.as_bytes(), std::io::sink())
-                };
-                s.unwrap().requests
+                replay::replay_quiet(p, None, pipelined, text.as_bytes(), std::io::sink())
+                    .unwrap()
+                    .requests
             })
         });
     }

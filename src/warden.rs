@@ -302,18 +302,7 @@ impl Warden {
         }
         let subjects: Subjects<'_> = [key_slot.as_deref(), org_slot.as_deref(), cl_slot.as_deref()];
         if !fast.behave {
-            // Classic limits only: the lean path.
-            return match self.charge(req, &subjects, now, &[1; 3]) {
-                Ok(best) => self.admit(req, &subjects, &handles, now, [1; 3], Level::Normal, best),
-                Err(refusal) => Decision::Deny(self.limit_denial(
-                    req,
-                    &subjects,
-                    now,
-                    &[1; 3],
-                    Level::Normal,
-                    refusal,
-                )),
-            };
+            return self.check_limits(req, &subjects, &handles, now);
         }
         self.check_behavior(req, now, [key_slot, org_slot, cl_slot], handles, cluster)
     }
@@ -335,17 +324,16 @@ impl Warden {
             slots[1].as_deref(),
             slots[2].as_deref(),
         ];
-        let Some(rt) = subjects.iter().flatten().next().map(|e| &*e.set.behavior) else {
-            // No kind is tracked: nothing can refuse.
-            return self.admit(
-                req,
-                &subjects,
-                &handles,
-                now,
-                [1; 3],
-                Level::Normal,
-                [None; 2],
-            );
+        let Some(rt) = subjects
+            .iter()
+            .flatten()
+            .next()
+            .map(|e| &*e.set.behavior)
+            .filter(|rt| rt.params.policy().enabled)
+        else {
+            // No kind is tracked, or the entries were laid out by a newer policy without the
+            // layer (a swap during this check): classic limits only.
+            return self.check_limits(req, &subjects, &handles, now);
         };
         // The enforced level acts, the reported one (shadow detectors included) is what the
         // decision shows.
@@ -398,6 +386,28 @@ impl Warden {
         drop(slots);
         self.dispatch(pending, req, cluster, now);
         decision
+    }
+
+    /// Classic limits only (no levels, no signals): the lean path.
+    #[inline(always)]
+    fn check_limits(
+        &self,
+        req: &Request<'_>,
+        subjects: &Subjects<'_>,
+        handles: &Handles,
+        now: u64,
+    ) -> Decision<'_> {
+        match self.charge(req, subjects, now, &[1; 3]) {
+            Ok(best) => self.admit(req, subjects, handles, now, [1; 3], Level::Normal, best),
+            Err(refusal) => Decision::Deny(self.limit_denial(
+                req,
+                subjects,
+                now,
+                &[1; 3],
+                Level::Normal,
+                refusal,
+            )),
+        }
     }
 
     /// One pass over every limit of every subject: charge each with a CAS that checks

@@ -10,25 +10,11 @@ mod replay;
 #[path = "../examples/support/sim.rs"]
 mod sim;
 
-use ratewarden::{ManualClock, Policy, Warden};
+use ratewarden::Policy;
 
 fn replay_text(input: &str, policy: Policy) -> (String, replay::Summary) {
-    let clock = ManualClock::new();
-    let w = Warden::builder()
-        .policy(policy)
-        .clock(clock.clone())
-        .build()
-        .unwrap();
-    let mut r = replay::Replayer::new(
-        &w,
-        clock,
-        replay::Options {
-            verbose_errors: false,
-            ..Default::default()
-        },
-    );
     let mut out = Vec::new();
-    let s = r.run(input.as_bytes(), &mut out).unwrap();
+    let s = replay::replay_quiet(policy, None, true, input.as_bytes(), &mut out).unwrap();
     (String::from_utf8(out).unwrap(), s)
 }
 
@@ -170,39 +156,20 @@ fn pipelined_and_serial_replays_write_the_same_bytes() {
     }
     input.pop();
     assert!(trace.lines().count() > 3 * 1024, "spans several batches");
+    // A tight per-key limit, so denials (with retry-after) are compared too; behaviour on,
+    // with a fixed seed so that two wardens decide alike.
+    let mut p = Policy::llm_api();
+    p.api_key.insert(
+        "requests_per_minute".into(),
+        ratewarden::LimitConfig::Gcra {
+            rate: 6,
+            period: ratewarden::Period(std::time::Duration::from_secs(60)),
+            burst: 3,
+        },
+    );
     let run = |pipelined: bool| {
-        let clock = ManualClock::new();
-        // A tight per-key limit, so denials (with retry-after) are compared too; behaviour on,
-        // with a fixed seed so that two wardens decide alike.
-        let mut p = Policy::llm_api();
-        p.api_key.insert(
-            "requests_per_minute".into(),
-            ratewarden::LimitConfig::Gcra {
-                rate: 6,
-                period: ratewarden::Period(std::time::Duration::from_secs(60)),
-                burst: 3,
-            },
-        );
-        let w = Warden::builder()
-            .policy(p)
-            .clock(clock.clone())
-            .seed(99)
-            .build()
-            .unwrap();
-        let mut r = replay::Replayer::new(
-            &w,
-            clock,
-            replay::Options {
-                verbose_errors: false,
-                ..Default::default()
-            },
-        );
         let mut out = Vec::new();
-        let s = if pipelined {
-            r.run(&input[..], &mut out).unwrap()
-        } else {
-            r.run_serial(&input[..], &mut out).unwrap()
-        };
+        let s = replay::replay_quiet(p.clone(), Some(99), pipelined, &input[..], &mut out).unwrap();
         (out, s)
     };
     let (a, sa) = run(true);
@@ -225,23 +192,9 @@ fn pipelined_and_serial_replays_write_the_same_bytes() {
 fn a_fixed_seed_makes_replays_with_behaviour_repeatable() {
     let (trace, _) = simulate(5, 20);
     let run = || {
-        let clock = ManualClock::new();
-        let w = Warden::builder()
-            .policy(Policy::llm_api())
-            .clock(clock.clone())
-            .seed(7)
-            .build()
-            .unwrap();
-        let mut r = replay::Replayer::new(
-            &w,
-            clock,
-            replay::Options {
-                verbose_errors: false,
-                ..Default::default()
-            },
-        );
         let mut out = Vec::new();
-        let s = r.run(trace.as_bytes(), &mut out).unwrap();
+        let s = replay::replay_quiet(Policy::llm_api(), Some(7), true, trace.as_bytes(), &mut out)
+            .unwrap();
         (String::from_utf8(out).unwrap(), s)
     };
     let (a, sa) = run();

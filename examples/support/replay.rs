@@ -12,7 +12,7 @@ use std::io::{BufRead, Write};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use ratewarden::{Decision, Level, ManualClock, Request, Warden};
+use ratewarden::{Decision, Level, ManualClock, Policy, Request, Warden};
 use serde::Deserialize;
 
 /// A trace line as parsed for replay: borrowed strings, hex features as text.
@@ -494,6 +494,37 @@ impl Batch {
             template_fp,
             logprobs: l.logprobs,
         })
+    }
+}
+
+/// Replays `input` into `output` through a fresh warden with `policy` on a manual clock,
+/// without error reports on stderr: pipelined (`Replayer::run`) or on one thread
+/// (`Replayer::run_serial`). `seed` fixes the warden's hashing seed.
+pub fn replay_quiet(
+    policy: Policy,
+    seed: Option<u64>,
+    pipelined: bool,
+    input: impl BufRead,
+    output: impl Write,
+) -> std::io::Result<Summary> {
+    let clock = ManualClock::new();
+    let mut builder = Warden::builder().policy(policy).clock(clock.clone());
+    if let Some(s) = seed {
+        builder = builder.seed(s);
+    }
+    let w = builder.build().expect("valid policy");
+    let mut r = Replayer::new(
+        &w,
+        clock,
+        Options {
+            verbose_errors: false,
+            ..Options::default()
+        },
+    );
+    if pipelined {
+        r.run(input, output)
+    } else {
+        r.run_serial(input, output)
     }
 }
 
