@@ -250,15 +250,33 @@ impl LevelMachine {
 /// Sentinel for "no manual level".
 const NO_MANUAL: u8 = u8::MAX;
 
-/// Per-subject escalation state: both level machines, the manual override and exemption.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct Escalation {
-    pub(crate) enforced: LevelMachine,
-    pub(crate) reported: LevelMachine,
+/// What the host set on a subject: a manual level with its expiry, the grace after a cleared
+/// challenge, and the exemption. Boxed on first use (see [`Escalation`]).
+#[derive(Clone, Debug, PartialEq)]
+struct HostSet {
     manual_until_ns: u64,
     grace_until_ns: u64,
     manual: u8,
     exempt: bool,
+}
+
+impl HostSet {
+    const NONE: Self = Self {
+        manual_until_ns: 0,
+        grace_until_ns: 0,
+        manual: NO_MANUAL,
+        exempt: false,
+    };
+}
+
+/// Per-subject escalation state: both level machines, and what the host set (a manual level,
+/// a grace period or an exemption). Few subjects ever have the latter, so it is boxed on first
+/// use and costs the others one pointer.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Escalation {
+    pub(crate) enforced: LevelMachine,
+    pub(crate) reported: LevelMachine,
+    host: Option<Box<HostSet>>,
 }
 
 impl Escalation {
@@ -266,52 +284,64 @@ impl Escalation {
         Self {
             enforced: LevelMachine::new(now_ns),
             reported: LevelMachine::new(now_ns),
-            manual_until_ns: 0,
-            grace_until_ns: 0,
-            manual: NO_MANUAL,
-            exempt: false,
+            host: None,
         }
     }
 
+    fn host_mut(&mut self) -> &mut HostSet {
+        self.host.get_or_insert_with(|| Box::new(HostSet::NONE))
+    }
+
     /// The manual level, if one is set and has not expired.
+    #[inline]
     pub(crate) fn manual(&self, now_ns: u64) -> Option<Level> {
-        if now_ns >= self.manual_until_ns {
+        let h = self.host.as_deref()?;
+        if now_ns >= h.manual_until_ns {
             return None;
         }
-        Level::from_u8(self.manual)
+        Level::from_u8(h.manual)
     }
 
     /// When the live manual level expires, if it has an expiry.
     pub(crate) fn manual_until(&self, now_ns: u64) -> Option<u64> {
         self.manual(now_ns)?;
-        (self.manual_until_ns != u64::MAX).then_some(self.manual_until_ns)
+        let until = self.host.as_deref()?.manual_until_ns;
+        (until != u64::MAX).then_some(until)
     }
 
     pub(crate) fn set_manual(&mut self, level: Level, until_ns: Option<u64>) {
-        self.manual = level as u8;
-        self.manual_until_ns = until_ns.unwrap_or(u64::MAX);
+        let h = self.host_mut();
+        h.manual = level as u8;
+        h.manual_until_ns = until_ns.unwrap_or(u64::MAX);
     }
 
     pub(crate) fn clear_manual(&mut self) {
-        self.manual = NO_MANUAL;
-        self.manual_until_ns = 0;
+        if let Some(h) = self.host.as_deref_mut() {
+            h.manual = NO_MANUAL;
+            h.manual_until_ns = 0;
+        }
     }
 
-    pub(crate) const fn is_exempt(&self) -> bool {
-        self.exempt
+    pub(crate) fn is_exempt(&self) -> bool {
+        self.host.as_deref().is_some_and(|h| h.exempt)
     }
 
     pub(crate) fn set_exempt(&mut self, exempt: bool) {
-        self.exempt = exempt;
+        if exempt || self.host.is_some() {
+            self.host_mut().exempt = exempt;
+        }
     }
 
     /// Enforced level: manual, else `normal` if exempt, else the enforced machine.
+    #[inline]
     pub(crate) fn level(&self, now_ns: u64) -> Level {
-        if let Some(level) = self.manual(now_ns) {
-            return level;
-        }
-        if self.exempt {
-            return Level::Normal;
+        if self.host.is_some() {
+            if let Some(level) = self.manual(now_ns) {
+                return level;
+            }
+            if self.is_exempt() {
+                return Level::Normal;
+            }
         }
         self.enforced.level()
     }
@@ -323,7 +353,11 @@ impl Escalation {
 
     /// Highest level the machines may reach now.
     pub(crate) fn cap(&self, now_ns: u64) -> Level {
-        if now_ns < self.grace_until_ns {
+        if self
+            .host
+            .as_deref()
+            .is_some_and(|h| now_ns < h.grace_until_ns)
+        {
             Level::Throttle
         } else {
             Level::Block
@@ -346,7 +380,7 @@ impl Escalation {
             }
         }
         if changed {
-            self.grace_until_ns = now_ns.saturating_add(grace_ns);
+            self.host_mut().grace_until_ns = now_ns.saturating_add(grace_ns);
         }
         changed
     }
@@ -529,6 +563,21 @@ mod tests {
         // The cool-down restarted at the backwards reading: block steps down 1800 s later.
         assert_eq!(m.step(input(0.0), 1799 * S, &p), None);
         assert_eq!(m.step(input(0.0), 1800 * S, &p), Some(Level::Block));
+    }
+
+    #[test]
+    fn host_settings_are_boxed_only_when_set() {
+        let mut e = Escalation::new(0);
+        e.set_exempt(false);
+        e.clear_manual();
+        assert!(e.host.is_none());
+        assert_eq!(e.cap(0), Level::Block);
+        assert_eq!(e.manual(0), None);
+        e.set_manual(Level::Throttle, Some(100));
+        assert!(e.host.is_some());
+        assert_eq!(e.level(50), Level::Throttle);
+        assert_eq!(e.manual_until(50), Some(100));
+        assert_eq!(e.level(100), Level::Normal);
     }
 
     #[test]

@@ -32,7 +32,7 @@
 //! # Cost
 //!
 //! `observe` is O(1), allocation-free and lock-free: a dozen float adds, a few bit sets, a
-//! dozen word operations for the SimHash centroid vote, two compares for housekeeping (a
+//! dozen word operations for the SimHash centroid vote, four compares for housekeeping (a
 //! decay fold with one `exp2` at most once per second, and a window rotation at most once per
 //! window). `evaluate` returns after a few compares unless `evaluate_every_ms` passed since the
 //! subject's last evaluation and either `evaluate_min_requests` requests arrived since or
@@ -47,8 +47,12 @@
 //!
 //! # Memory
 //!
-//! One [`SubjectBehavior`] is [`SubjectBehavior::SIZE`] bytes for every kind (a test asserts
-//! at most 512), with no heap. The [`CrossIndex`] is 88 bytes per family slot (with its tag),
+//! One [`SubjectBehavior`] is [`SubjectBehavior::SIZE`] bytes (384 on 64-bit targets) for
+//! every kind (a compile-time assert keeps it at most 512); with its lock and cached levels a
+//! subject's [`Slot`] is 408 bytes in one allocation. Two rarer parts are boxed on first use,
+//! so that a key which never needs them pays a pointer each: the escalated-children sketches
+//! of an org or cluster (40 bytes, once a child key escalates) and what the host set on a
+//! subject (24 bytes, on its first manual level, exemption or cleared challenge). The [`CrossIndex`] is 88 bytes per family slot (with its tag),
 //! allocated once (4096 slots, about 352 KiB, by default).
 //!
 //! # Shadow, manual levels and exemption
@@ -385,8 +389,9 @@ impl TryFrom<&BehaviorPolicy> for BehaviorParams {
 /// Behavioural state of one subject (an API key, an org or an IP cluster).
 ///
 /// Stored by the warden in the subject's table entry behind a short `parking_lot::Mutex`;
-/// every method is `&mut self` or `&self` and takes no lock of its own. No method panics, and
-/// only `evaluate` (on a level change) and `explain` allocate.
+/// every method is `&mut self` or `&self` and takes no lock of its own. No method panics.
+/// Only `evaluate` (on a level change) and `explain` allocate, and the first escalated child
+/// or host control boxes its small side state once.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct SubjectBehavior {
     signals: Signals,
@@ -400,12 +405,12 @@ pub(crate) struct SubjectBehavior {
     eval_current: bool,
 }
 
-// A key's whole behavioural state must stay within 512 bytes (it lives in every table entry).
+// A key's whole behavioural state must stay within 512 bytes (one per tracked subject).
 const _: () = assert!(SubjectBehavior::SIZE <= 512);
 
 impl SubjectBehavior {
-    /// Bytes of one subject's behavioural state, for every kind (504); no
-    /// heap is used.
+    /// Bytes of one subject's behavioural state, for every kind (384 on 64-bit targets), without
+    /// the two side boxes (see the module docs).
     pub(crate) const SIZE: usize = std::mem::size_of::<SubjectBehavior>();
 
     /// Fresh state, first seen at `now_ns`.
@@ -627,7 +632,7 @@ impl SubjectBehavior {
     }
 
     /// Whether the subject is exempt.
-    pub(crate) const fn is_exempt(&self) -> bool {
+    pub(crate) fn is_exempt(&self) -> bool {
         self.escalation.is_exempt()
     }
 
@@ -756,12 +761,16 @@ mod tests {
     #[test]
     fn size_per_subject() {
         println!("SubjectBehavior: {} bytes", SubjectBehavior::SIZE);
-        // No pointer-sized fields, so the same on 32-bit targets; the docs state 504.
-        assert_eq!(
-            SubjectBehavior::SIZE,
-            504,
-            "update the docs when this changes"
-        );
+        // Two boxed side states (a pointer each); the docs state the 64-bit sizes.
+        #[cfg(target_pointer_width = "64")]
+        {
+            assert_eq!(
+                SubjectBehavior::SIZE,
+                384,
+                "update the docs when this changes"
+            );
+            assert_eq!(std::mem::size_of::<Slot>(), 408);
+        }
         // Same type for every kind, so the same size.
         assert_eq!(
             std::mem::size_of_val(&SubjectBehavior::new(SubjectKind::Org, 0)),

@@ -6,14 +6,14 @@
 //! | request, output-token and logprob rates; logprob share | decayed sums |
 //! | time pinned near a limit (`pressure`, `denied_by_limit`) | decayed sum of pinned requests |
 //! | output/input ratio | EWMAs of input and (settled) output tokens |
-//! | distinct-prompt ratio | 2 × 512-bit bitmap of prompt fingerprints + counts |
+//! | distinct-prompt ratio | 2 × 256-bit bitmap of prompt fingerprints + counts |
 //! | distinct templates; dominant template and its share | 2 × 64-bit bitmap; one-counter Misra–Gries |
 //! | prompt family: majority SimHash (the *centroid*) of recent prompts | 3 × 64-bit bit-sliced saturating counters |
 //! | family share (prompts within `near_bits` of the centroid) | decayed sums |
 //! | prompt breadth without templates | ring of the last 8 SimHashes, clustered at evaluation |
 //! | key: distinct IP clusters; org/cluster: distinct keys and new keys | 2 × 128-bit bitmap |
 //! | inter-arrival regularity (coefficient of variation) | EW Welford mean and variance |
-//! | escalated child keys (propagation) | 2 × 2 × 64-bit bitmaps |
+//! | escalated child keys (propagation), org and cluster only | 2 × 2 × 64-bit bitmaps, boxed on the first one |
 //!
 //! # Why hand-written sketches
 //!
@@ -23,9 +23,9 @@
 //! of registers, count forever (no decay or windowing), hash internally with their own hasher,
 //! and are generic over more than we need. What we need is small counts (tens to a few
 //! thousand distinct items per window) with a few percent error, where **linear counting**
-//! on a fixed bitmap is the best estimator there is for its size: 64 bytes count distinct
-//! prompts up to about 2,000 within 5%, 8 bytes count templates or escalated children up to
-//! ~100. Decay comes from two bitmaps per sketch (current and previous window, rotated by
+//! on a fixed bitmap is the best estimator there is for its size: 32 bytes count distinct
+//! prompts up to about 1,000 within 10% (the prompt window closes early after 384 of them),
+//! 8 bytes count templates or escalated children up to ~100. Decay comes from two bitmaps per sketch (current and previous window, rotated by
 //! time), so counts cover the last one to two windows. Rates use exponentially decayed sums
 //! that are folded at most once per second (one `exp2` per second per subject instead of per
 //! request; the error of adding up to one second "late" is below 0.6% at a two-minute
@@ -57,13 +57,16 @@ use crate::subject::SubjectKind;
 /// Decayed counters are folded (multiplied by their decay) at most this often.
 pub(crate) const FOLD_NS: u64 = 1_000_000_000;
 
-/// Prompt sketch rotates early after this many inserts in its window, so that its bitmap never
-/// saturates (512 bits count up to ~1,000 items within a few percent).
-const PROMPT_FILL: u32 = 768;
+/// Prompt sketch width in 64-bit words (256 bits per window).
+const PROMPT_WORDS: usize = 4;
 
-/// Above this estimate the union of the two 512-bit prompt windows is too full to count
+/// Prompt sketch rotates early after this many inserts in its window, so that its bitmap never
+/// saturates (256 bits count up to ~500 items within a few percent).
+const PROMPT_FILL: u32 = 384;
+
+/// Above this estimate the union of the two 256-bit prompt windows is too full to count
 /// (under 7% zero bits); the two windows are then counted apart and added.
-const PROMPT_UNION_MAX: f32 = 1400.0;
+const PROMPT_UNION_MAX: f32 = 700.0;
 
 /// EWMA weights. Tokens: 1/32, so that the output/input ratio of a service whose token counts
 /// are lognormal (sigma 0.7–0.9) wanders by about ±15% rather than ±35% (at 1/8), while a
@@ -266,15 +269,31 @@ fn rotate_counts(counts: &mut [u32; 2], windows: u64) {
     }
 }
 
+/// Escalated child keys of an org or cluster (propagation). Boxed on the first one: keys
+/// never have children, and most groups never see one escalate.
+#[derive(Clone, Debug, PartialEq)]
+struct Kids {
+    win_ns: u64,
+    enforced: Windowed<1>,
+    reported: Windowed<1>,
+}
+
+impl Kids {
+    /// Rotates the windows when due (a clock that went backwards re-anchors the window).
+    fn advance(&mut self, now_ns: u64, window_ns: u64) {
+        self.win_ns = self.win_ns.min(now_ns);
+        let n = windows_passed(&mut self.win_ns, now_ns, window_ns);
+        self.enforced.rotate(n);
+        self.reported.rotate(n);
+    }
+}
+
 /// The per-subject signal state (most of `SubjectBehavior::SIZE`).
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Signals {
-    /// Earliest time any housekeeping (fold, window rotation) is due.
-    next_ns: u64,
     fold_ns: u64,
     win_ns: u64,
     prompt_win_ns: u64,
-    kids_win_ns: u64,
     last_ns: u64,
     top_template: u64,
     /// Bit-sliced 3-bit saturating counters of the SimHash bits (`cen[k]` holds bit `k` of
@@ -313,12 +332,12 @@ pub(crate) struct Signals {
     recent_len: u8,
     recent_head: u8,
 
-    prompts: Windowed<8>,
+    prompts: Windowed<PROMPT_WORDS>,
     templates: Windowed<1>,
     /// Key: IP clusters. Org and cluster: keys.
     peers: Windowed<2>,
-    kids_enforced: Windowed<1>,
-    kids_reported: Windowed<1>,
+    /// Org and cluster, once a child key escalated.
+    kids: Option<Box<Kids>>,
 }
 
 /// A read-out of the signals at one instant, in natural units.
@@ -375,11 +394,9 @@ pub(crate) struct SignalView {
 impl Signals {
     pub(crate) const fn new(now_ns: u64) -> Self {
         Self {
-            next_ns: now_ns,
             fold_ns: now_ns,
             win_ns: now_ns,
             prompt_win_ns: now_ns,
-            kids_win_ns: now_ns,
             last_ns: now_ns,
             top_template: 0,
             cen: [0; 3],
@@ -407,8 +424,7 @@ impl Signals {
             prompts: Windowed::ZERO,
             templates: Windowed::ZERO,
             peers: Windowed::ZERO,
-            kids_enforced: Windowed::ZERO,
-            kids_reported: Windowed::ZERO,
+            kids: None,
         }
     }
 
@@ -418,10 +434,14 @@ impl Signals {
         self.last_ns
     }
 
-    /// Folds decayed counters and rotates windows when due. O(1); two compares when not due.
+    /// Folds decayed counters and rotates windows when due. O(1); four compares when not due.
     #[inline]
     pub(crate) fn advance(&mut self, now_ns: u64, p: &BehaviorParams) {
-        if now_ns >= self.next_ns || now_ns < self.fold_ns {
+        if now_ns < self.fold_ns
+            || now_ns - self.fold_ns >= FOLD_NS
+            || now_ns.saturating_sub(self.win_ns) >= p.window_ns
+            || now_ns.saturating_sub(self.prompt_win_ns) >= p.window_ns
+        {
             self.housekeep(now_ns, p);
         }
     }
@@ -434,7 +454,6 @@ impl Signals {
             self.fold_ns = now_ns;
             self.win_ns = self.win_ns.min(now_ns);
             self.prompt_win_ns = self.prompt_win_ns.min(now_ns);
-            self.kids_win_ns = self.kids_win_ns.min(now_ns);
         }
         if now_ns >= self.fold_ns.saturating_add(FOLD_NS) {
             let f = decay(now_ns - self.fold_ns, p.inv_half_life_ns);
@@ -448,15 +467,6 @@ impl Signals {
         let n = windows_passed(&mut self.prompt_win_ns, now_ns, p.window_ns);
         self.prompts.rotate(n);
         rotate_counts(&mut self.prompt_n, n);
-        let n = windows_passed(&mut self.kids_win_ns, now_ns, p.kids_window_ns);
-        self.kids_enforced.rotate(n);
-        self.kids_reported.rotate(n);
-        self.next_ns = self
-            .fold_ns
-            .saturating_add(FOLD_NS)
-            .min(self.win_ns.saturating_add(p.window_ns))
-            .min(self.prompt_win_ns.saturating_add(p.window_ns))
-            .min(self.kids_win_ns.saturating_add(p.kids_window_ns));
     }
 
     fn scale(&mut self, f: f32) {
@@ -652,10 +662,18 @@ impl Signals {
         p: &BehaviorParams,
     ) -> bool {
         self.advance(now_ns, p);
+        let kids = self.kids.get_or_insert_with(|| {
+            Box::new(Kids {
+                win_ns: now_ns,
+                enforced: Windowed::ZERO,
+                reported: Windowed::ZERO,
+            })
+        });
+        kids.advance(now_ns, p.kids_window_ns);
         let h = mix(child_hash, p.seed ^ SALT_CHILD);
-        let mut new = self.kids_reported.insert(h);
+        let mut new = kids.reported.insert(h);
         if enforced {
-            new |= self.kids_enforced.insert(h);
+            new |= kids.enforced.insert(h);
         }
         new
     }
@@ -663,6 +681,13 @@ impl Signals {
     /// Reads the signals as of `now_ns`.
     pub(crate) fn view(&mut self, now_ns: u64, p: &BehaviorParams) -> SignalView {
         self.advance(now_ns, p);
+        let (kids_enforced, kids_reported) = match &mut self.kids {
+            Some(k) => {
+                k.advance(now_ns, p.kids_window_ns);
+                (k.enforced.distinct(), k.reported.distinct())
+            }
+            None => (0.0, 0.0),
+        };
         let f = decay(now_ns.saturating_sub(self.fold_ns), p.inv_half_life_ns);
         let per_min = f * p.per_min;
         let reqs = self.reqs * f;
@@ -756,8 +781,8 @@ impl Signals {
             peers: self.peers.distinct(),
             fresh_peers: self.peers.fresh(),
             cv,
-            kids_enforced: self.kids_enforced.distinct(),
-            kids_reported: self.kids_reported.distinct(),
+            kids_enforced,
+            kids_reported,
         }
     }
 }
@@ -954,6 +979,34 @@ mod tests {
             s.observe(SubjectKind::ApiKey, &o, true, &p);
         }
         assert!(s.view(200 * S, &p).concentration < 0.1);
+    }
+
+    #[test]
+    fn child_sketches_are_boxed_on_first_child_and_forget() {
+        let p = params();
+        let mut org = Signals::new(0);
+        for i in 0..50_u64 {
+            org.observe(SubjectKind::Org, &obs(i * S), true, &p);
+        }
+        // Ordinary traffic never boxes the children's sketches.
+        assert!(org.kids.is_none());
+        let v = org.view(50 * S, &p);
+        assert_eq!((v.kids_enforced, v.kids_reported), (0.0, 0.0));
+        for k in 0..5_u64 {
+            assert!(org.child(k, k % 2 == 0, 60 * S, &p), "child {k} is new");
+        }
+        assert!(!org.child(0, true, 61 * S, &p), "child 0 again");
+        assert!(org.kids.is_some());
+        let v = org.view(62 * S, &p);
+        assert!((v.kids_reported - 5.0).abs() < 0.5, "{v:?}");
+        assert!((v.kids_enforced - 3.0).abs() < 0.5, "{v:?}");
+        // Two whole windows later they are forgotten.
+        let later = 60 * S + 2 * p.kids_window_ns;
+        let v = org.view(later, &p);
+        assert_eq!((v.kids_enforced, v.kids_reported), (0.0, 0.0));
+        // A clock that went backwards re-anchors the window and keeps counting.
+        assert!(org.child(9, true, S, &p));
+        assert!(org.view(S, &p).kids_reported > 0.5);
     }
 
     #[test]
