@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# How detection moves away from the simulator's defaults: each variant of the public mix
+# (60 simulated minutes) is simulated, replayed with the `llm_api` preset with and without the
+# behavioural layer, and evaluated, for seeds 1-3. Prints one summary line per run.
+#
+#   bash scripts/robustness.sh            # all variants, seeds 1 2 3
+#   SEEDS="1" bash scripts/robustness.sh  # one seed
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --quiet --example simulate --example replay --example evaluate
+bin=target/release/examples
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# Attack scenarios' default rates (requests/min per actor), from `simulate --list`.
+rates() { # factor
+    awk -v f="$1" 'BEGIN { split("E1=120 E2=40 E3=30 E4=3 E5=75 E6=90", a, " ");
+        out = ""; for (i = 1; i <= 6; i++) { split(a[i], kv, "=");
+        out = out (i > 1 ? "," : "") kv[1] "=" kv[2] * f } print out }'
+}
+
+variants=(
+    "default|"
+    "attacks at half rate|--rate $(rates 0.5)"
+    "attacks at a quarter rate|--rate $(rates 0.25)"
+    "attacks at double rate|--rate $(rates 2)"
+    "benign actors doubled|--actors B1=4000,B2=12,B3=80,B4=1200,B5=12"
+    "all actors doubled|--scale 2"
+    "E4 at 1 request/min|--rate E4=1"
+    "E4 with 400 actors|--actors E4=400"
+)
+
+for v in "${variants[@]}"; do
+    name=${v%%|*}
+    flags=${v#*|}
+    for seed in ${SEEDS:-1 2 3}; do
+        # shellcheck disable=SC2086
+        "$bin/simulate" --quiet --seed "$seed" --duration-min 60 $flags \
+            --trace "$tmp/t.jsonl" --truth "$tmp/truth.jsonl"
+        "$bin/replay" --quiet --seed "$seed" < "$tmp/t.jsonl" > "$tmp/d.jsonl" 2>/dev/null
+        "$bin/replay" --quiet --seed "$seed" --limits-only < "$tmp/t.jsonl" > "$tmp/b.jsonl" 2>/dev/null
+        summary=$("$bin/evaluate" --trace "$tmp/t.jsonl" --truth "$tmp/truth.jsonl" \
+            --decisions "$tmp/d.jsonl" --baseline "$tmp/b.jsonl" | grep '^summary')
+        printf '%-28s seed %s  %s\n' "$name" "$seed" "${summary#summary: }"
+    done
+done
