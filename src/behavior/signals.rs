@@ -17,8 +17,9 @@
 //!
 //! # Why hand-written sketches
 //!
-//! A subject's whole state must fit in 512 bytes, live inline in the subject table (no heap,
-//! no pointer chase), forget old behaviour, and cost a few nanoseconds per request. Sketch
+//! A subject's whole state must fit in 512 bytes in one fixed-size allocation (no growth, no
+//! further pointer chase on the request path), forget old behaviour, and cost a few
+//! nanoseconds per request. Sketch
 //! crates are built for the opposite trade-off: HyperLogLog implementations allocate kilobytes
 //! of registers, count forever (no decay or windowing), hash internally with their own hasher,
 //! and are generic over more than we need. What we need is small counts (tens to a few
