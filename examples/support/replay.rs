@@ -583,8 +583,6 @@ pub fn write_decision(out: &mut String, i: u64, o: &Outcome) {
 
 #[cfg(test)]
 mod tests {
-    use super::hex16;
-
     #[test]
     fn hex16_agrees_with_from_str_radix() {
         let mut x = 0x9E37_79B9_7F4A_7C15_u64;
@@ -594,12 +592,12 @@ mod tests {
             x ^= x << 17;
             let lower = format!("{x:016x}");
             let upper = format!("{x:016X}");
-            assert_eq!(hex16(lower.as_bytes()), Some(x));
-            assert_eq!(hex16(upper.as_bytes()), Some(x));
+            assert_eq!(super::hex16(lower.as_bytes()), Some(x));
+            assert_eq!(super::hex16(upper.as_bytes()), Some(x));
             assert_eq!(u64::from_str_radix(&lower, 16).ok(), Some(x));
         }
-        assert_eq!(hex16(b"ffffffffffffffff"), Some(u64::MAX));
-        assert_eq!(hex16(b"0000000000000000"), Some(0));
+        assert_eq!(super::hex16(b"ffffffffffffffff"), Some(u64::MAX));
+        assert_eq!(super::hex16(b"0000000000000000"), Some(0));
     }
 
     #[test]
@@ -614,7 +612,7 @@ mod tests {
             b"0x23456789abcdef",
             "0123456789abcdé".as_bytes(),
         ] {
-            assert_eq!(hex16(bad), None, "{bad:?}");
+            assert_eq!(super::hex16(bad), None, "{bad:?}");
         }
         // Every position, every non-hex byte.
         for pos in 0..16 {
@@ -624,7 +622,7 @@ mod tests {
                 }
                 let mut s = *b"0123456789abcdef";
                 s[pos] = b;
-                assert_eq!(hex16(&s), None, "byte {b} at {pos}");
+                assert_eq!(super::hex16(&s), None, "byte {b} at {pos}");
             }
         }
     }
