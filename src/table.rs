@@ -128,8 +128,6 @@ pub(crate) struct Entry {
     inline: [Cell; INLINE_CELLS],
     spill: Option<Box<Box<[Cell]>>>,
     pub(crate) last_seen: AtomicU64,
-    /// Policy generation this entry was laid out for.
-    pub(crate) generation: u64,
     /// Behavioural state, when the behavioural layer is on.
     pub(crate) behavior: Option<Box<crate::behavior::Slot>>,
 }
@@ -137,7 +135,6 @@ pub(crate) struct Entry {
 impl Entry {
     pub(crate) fn new(
         set: Arc<LimitSet>,
-        generation: u64,
         now: u64,
         behavior: Option<Box<crate::behavior::Slot>>,
     ) -> Self {
@@ -148,7 +145,6 @@ impl Entry {
             inline: [Cell::new(0), Cell::new(0)],
             spill,
             last_seen: AtomicU64::new(now),
-            generation,
             behavior,
         }
     }
@@ -171,15 +167,10 @@ impl Entry {
     }
 
     /// A copy laid out for `set`, keeping the state of limits that did not change.
-    fn migrate(&self, set: Arc<LimitSet>, generation: u64) -> Entry {
+    fn migrate(&self, set: Arc<LimitSet>) -> Entry {
         let carry = set.carry_from(&self.set);
         let behavior = self.behavior.as_ref().map(|b| Box::new(b.clone_state()));
-        let e = Entry::new(
-            set,
-            generation,
-            self.last_seen.load(Ordering::Relaxed),
-            behavior,
-        );
+        let e = Entry::new(set, self.last_seen.load(Ordering::Relaxed), behavior);
         let old = self.cells();
         for (c, from) in e.cells().iter().zip(carry) {
             if let Some(j) = from {
@@ -289,7 +280,7 @@ impl<K: Eq + Hash + Copy, S: BuildHasher + Clone> Table<K, S> {
         if let Some(r) = self.map.get(&key) {
             // Entries are never migrated backwards: one laid out by a newer policy than the
             // generation this check read is used as it is.
-            if r.generation >= generation {
+            if r.set.generation >= generation {
                 r.touch(now);
                 return Slot::Mapped(r);
             }
@@ -338,9 +329,9 @@ impl<K: Eq + Hash + Copy, S: BuildHasher + Clone> Table<K, S> {
     ) -> Option<Slot<'_, K>> {
         let mut r = self.map.get_mut(&key)?;
         let pol = policy.load();
-        if r.generation < pol.generation {
+        if r.set.generation < pol.generation {
             let fresh = make(&pol);
-            *r = r.migrate(fresh.set.clone(), pol.generation);
+            *r = r.migrate(fresh.set.clone());
         }
         Some(Slot::Mapped(r.downgrade()))
     }

@@ -109,12 +109,7 @@ impl WardenBuilder {
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
         let now = clock.now_nanos();
         let overflow = |k: SubjectKind| {
-            Entry::new(
-                compiled.defaults[k.index()].clone(),
-                compiled.generation,
-                now,
-                None,
-            )
+            Entry::new(compiled.defaults[k.index()].clone(), now, None)
         };
         let (max, idle) = (compiled.max_subjects, compiled.idle_ns);
         let behavior = Engine::new(self.hooks, self.event_capacity.unwrap_or(1024));
@@ -196,7 +191,7 @@ impl Warden {
         } else {
             None
         };
-        Entry::new(set.clone(), pol.generation, now, b)
+        Entry::new(set.clone(), now, b)
     }
 
     /// Decides one request: evaluates every limit of every subject of the request (api key,
@@ -711,18 +706,13 @@ impl Warden {
             table.reconfigure(
                 max,
                 idle,
-                Entry::new(
-                    compiled.defaults[kind.index()].clone(),
-                    generation,
-                    now,
-                    None,
-                ),
+                Entry::new(compiled.defaults[kind.index()].clone(), now, None),
             );
         }
         self.clusters.reconfigure(
             max,
             idle,
-            Entry::new(compiled.defaults[2].clone(), generation, now, None),
+            Entry::new(compiled.defaults[2].clone(), now, None),
         );
         let fast = FastPolicy::of(&compiled).encode();
         // Publish the policy before the generation: a check that sees the new generation

@@ -23,6 +23,10 @@ pub(crate) struct LimitRt {
 #[derive(Debug)]
 pub(crate) struct LimitSet {
     pub(crate) kind: SubjectKind,
+    /// Generation of the policy this set was compiled for: an entry laid out for it is
+    /// current while the warden's generation is not newer (entries carry no generation of
+    /// their own, which keeps a table bucket at 56 bytes).
+    pub(crate) generation: u64,
     pub(crate) limits: Box<[LimitRt]>,
     /// Exempt from behavioural escalation.
     pub(crate) exempt: bool,
@@ -187,6 +191,7 @@ fn compile_set(
     limits: &BTreeMap<String, LimitConfig>,
     path: &str,
     exempt: bool,
+    generation: u64,
     behavior: &Arc<crate::behavior::BehaviorRt>,
 ) -> Result<LimitSet, ConfigError> {
     let mut out = Vec::with_capacity(limits.len());
@@ -220,6 +225,7 @@ fn compile_set(
     let holds_slots = out.iter().any(|l| l.algo.unit() == Unit::InFlight);
     Ok(LimitSet {
         kind,
+        generation,
         limits: out.into_boxed_slice(),
         exempt,
         needs_handle,
@@ -274,14 +280,23 @@ pub(crate) fn compile(
             &p.api_key,
             "api_key",
             false,
+            generation,
             &bp,
         )?),
-        Arc::new(compile_set(SubjectKind::Org, &p.org, "org", false, &bp)?),
+        Arc::new(compile_set(
+            SubjectKind::Org,
+            &p.org,
+            "org",
+            false,
+            generation,
+            &bp,
+        )?),
         Arc::new(compile_set(
             SubjectKind::IpCluster,
             &p.ip_cluster,
             "ip_cluster",
             false,
+            generation,
             &bp,
         )?),
     ];
@@ -291,6 +306,7 @@ pub(crate) fn compile(
             a,
             "anonymous",
             false,
+            generation,
             &bp,
         )?),
         None => defaults[0].clone(),
@@ -311,6 +327,7 @@ pub(crate) fn compile(
             &merged,
             &format!("{opath}.limits"),
             o.exempt_behavior,
+            generation,
             &bp,
         )?);
         let dup = || ConfigError::Invalid {
