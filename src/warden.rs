@@ -108,9 +108,7 @@ impl WardenBuilder {
         compiled.index_ids(&namer);
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
         let now = clock.now_nanos();
-        let overflow = |k: SubjectKind| {
-            Entry::new(compiled.defaults[k.index()].clone(), now, None)
-        };
+        let overflow = |k: SubjectKind| Entry::new(compiled.defaults[k.index()].clone(), now, None);
         let (max, idle) = (compiled.max_subjects, compiled.idle_ns);
         let behavior = Engine::new(self.hooks, self.event_capacity.unwrap_or(1024));
         Ok(Warden {

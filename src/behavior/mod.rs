@@ -47,9 +47,9 @@
 //!
 //! # Memory
 //!
-//! One [`SubjectBehavior`] is [`SubjectBehavior::SIZE`] bytes (384 on 64-bit targets) for
+//! One [`SubjectBehavior`] is [`SubjectBehavior::SIZE`] bytes (368 on 64-bit targets) for
 //! every kind (a compile-time assert keeps it at most 512); with its lock and cached levels a
-//! subject's [`Slot`] is 408 bytes in one allocation. Two rarer parts are boxed on first use,
+//! subject's [`Slot`] is 392 bytes in one allocation. Two rarer parts are boxed on first use,
 //! so that a key which never needs them pays a pointer each: the escalated-children sketches
 //! of an org or cluster (40 bytes, once a child key escalates) and what the host set on a
 //! subject (24 bytes, on its first manual level, exemption or cleared challenge). The [`CrossIndex`] is 88 bytes per family slot (with its tag),
@@ -394,41 +394,34 @@ impl TryFrom<&BehaviorPolicy> for BehaviorParams {
 /// or host control boxes its small side state once.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct SubjectBehavior {
+    /// The signals, and the subject's kind and evaluation cadence counters (which share the
+    /// signals' small fields).
     signals: Signals,
     escalation: Escalation,
     last_eval_ns: u64,
-    /// Requests observed since the last evaluation (saturating).
-    since_eval: u16,
-    kind: SubjectKind,
-    /// `false` until the first evaluation, and again when something asks for a prompt one
-    /// (a child escalated).
-    eval_current: bool,
 }
 
 // A key's whole behavioural state must stay within 512 bytes (one per tracked subject).
 const _: () = assert!(SubjectBehavior::SIZE <= 512);
 
 impl SubjectBehavior {
-    /// Bytes of one subject's behavioural state, for every kind (384 on 64-bit targets), without
+    /// Bytes of one subject's behavioural state, for every kind (368 on 64-bit targets), without
     /// the two side boxes (see the module docs).
     pub(crate) const SIZE: usize = std::mem::size_of::<SubjectBehavior>();
 
     /// Fresh state, first seen at `now_ns`.
     pub(crate) const fn new(kind: SubjectKind, now_ns: u64) -> Self {
         Self {
-            signals: Signals::new(now_ns),
+            signals: Signals::new(kind, now_ns),
             escalation: Escalation::new(now_ns),
             last_eval_ns: now_ns,
-            since_eval: 0,
-            kind,
-            eval_current: false,
         }
     }
 
-    #[cfg(test)]
     /// The kind given at construction.
+    #[inline]
     pub(crate) const fn kind(&self) -> SubjectKind {
-        self.kind
+        self.signals.kind()
     }
 
     /// Records one check of a request involving this subject, allowed or refused. O(1), no
@@ -439,8 +432,7 @@ impl SubjectBehavior {
     #[inline]
     pub(crate) fn observe(&mut self, obs: &Observation, p: &BehaviorParams) {
         let restrained = self.escalation.level(obs.now_ns) >= Level::Throttle;
-        self.signals.observe(self.kind, obs, !restrained, p);
-        self.since_eval = self.since_eval.saturating_add(1);
+        self.signals.observe(obs, !restrained, p);
     }
 
     /// Records the actual output tokens of a finished response.
@@ -464,10 +456,11 @@ impl SubjectBehavior {
         cross: &CrossIndex,
     ) -> Option<Transition> {
         // A clock behind the last evaluation counts as due, so nothing stalls after a jump.
-        if self.eval_current && now_ns >= self.last_eval_ns {
+        if self.signals.is_evaluated() && now_ns >= self.last_eval_ns {
             let since = now_ns - self.last_eval_ns;
             if since < p.eval_ns
-                || (u32::from(self.since_eval) < p.eval_min_requests && since < p.eval_max_ns)
+                || (u32::from(self.signals.since_eval()) < p.eval_min_requests
+                    && since < p.eval_max_ns)
             {
                 return None;
             }
@@ -482,9 +475,8 @@ impl SubjectBehavior {
         p: &BehaviorParams,
         cross: &CrossIndex,
     ) -> Option<Transition> {
-        self.eval_current = true;
+        self.signals.evaluated(true);
         self.last_eval_ns = now_ns;
-        self.since_eval = 0;
         let policy = p.policy();
         if !policy.enabled {
             self.escalation.enforced.force(Level::Normal, now_ns);
@@ -568,7 +560,7 @@ impl SubjectBehavior {
                 }
             }
         }
-        detect::assess(self.kind, &view, &stats[..found], p)
+        detect::assess(self.kind(), &view, &stats[..found], p)
     }
 
     /// The reasons the subject would be scored on now, reported view (shadow detectors
@@ -656,14 +648,14 @@ impl SubjectBehavior {
         now_ns: u64,
         p: &BehaviorParams,
     ) {
-        if self.kind == SubjectKind::ApiKey || reported.max(enforced) < Level::Throttle {
+        if self.kind() == SubjectKind::ApiKey || reported.max(enforced) < Level::Throttle {
             return;
         }
         if self
             .signals
             .child(child_hash, enforced >= Level::Throttle, now_ns, p)
         {
-            self.eval_current = false;
+            self.signals.evaluated(false);
         }
     }
 
@@ -766,10 +758,10 @@ mod tests {
         {
             assert_eq!(
                 SubjectBehavior::SIZE,
-                384,
+                368,
                 "update the docs when this changes"
             );
-            assert_eq!(std::mem::size_of::<Slot>(), 408);
+            assert_eq!(std::mem::size_of::<Slot>(), 392);
         }
         // Same type for every kind, so the same size.
         assert_eq!(

@@ -63,7 +63,7 @@ const PROMPT_WORDS: usize = 4;
 
 /// Prompt sketch rotates early after this many inserts in its window, so that its bitmap never
 /// saturates (256 bits count up to ~500 items within a few percent).
-const PROMPT_FILL: u32 = 384;
+const PROMPT_FILL: u16 = 384;
 
 /// Above this estimate the union of the two 256-bit prompt windows is too full to count
 /// (under 7% zero bits); the two windows are then counted apart and added.
@@ -92,6 +92,11 @@ const F_SIMHASH: u8 = 2;
 const F_INPUT: u8 = 4;
 const F_SETTLED: u8 = 8;
 const F_BREADTH: u8 = 16;
+/// `recent` holds `RECENT` SimHashes.
+const F_RING_FULL: u8 = 32;
+/// The subject was evaluated since it last asked for a prompt evaluation (see
+/// `SubjectBehavior::evaluate`).
+const F_EVALUATED: u8 = 64;
 
 /// Mixes a secret seed (and salt) into a 64-bit hash with a full-avalanche finaliser, so that
 /// even structured inputs spread like random ones (which linear counting assumes).
@@ -262,7 +267,7 @@ fn windows_passed(start_ns: &mut u64, now_ns: u64, window_ns: u64) -> u64 {
 }
 
 /// Rotates a pair of per-window counts.
-fn rotate_counts(counts: &mut [u32; 2], windows: u64) {
+fn rotate_counts(counts: &mut [u16; 2], windows: u64) {
     match windows {
         0 => {}
         1 => *counts = [0, counts[0]],
@@ -323,15 +328,21 @@ pub(crate) struct Signals {
     /// Smoothed number of distinct SimHash clusters among the recent prompts.
     breadth: f32,
 
-    /// Requests in the current and previous window.
-    win_reqs: [u32; 2],
-    /// Prompt fingerprints inserted in the current and previous prompt window.
-    prompt_n: [u32; 2],
+    /// Requests in the current and previous window (saturating; every use of the count
+    /// compares it with thresholds far below 65,535).
+    win_reqs: [u16; 2],
+    /// Prompt fingerprints inserted in the current and previous prompt window (at most
+    /// `PROMPT_FILL` each).
+    prompt_n: [u16; 2],
     gaps: u16,
+    /// Requests observed since the subject's last evaluation (saturating). It and
+    /// `F_EVALUATED` are the evaluation cadence's bookkeeping, kept here so that they share
+    /// this struct's small fields (see `SubjectBehavior::SIZE`).
+    since_eval: u16,
     flags: u8,
-    /// SimHashes in `recent` (up to `RECENT`) and the next slot to write.
-    recent_len: u8,
+    /// The next slot of `recent` to write.
     recent_head: u8,
+    kind: SubjectKind,
 
     prompts: Windowed<PROMPT_WORDS>,
     templates: Windowed<1>,
@@ -393,7 +404,7 @@ pub(crate) struct SignalView {
 }
 
 impl Signals {
-    pub(crate) const fn new(now_ns: u64) -> Self {
+    pub(crate) const fn new(kind: SubjectKind, now_ns: u64) -> Self {
         Self {
             fold_ns: now_ns,
             win_ns: now_ns,
@@ -419,9 +430,10 @@ impl Signals {
             win_reqs: [0; 2],
             prompt_n: [0; 2],
             gaps: 0,
+            since_eval: 0,
             flags: 0,
-            recent_len: 0,
             recent_head: 0,
+            kind,
             prompts: Windowed::ZERO,
             templates: Windowed::ZERO,
             peers: Windowed::ZERO,
@@ -433,6 +445,36 @@ impl Signals {
     /// Time of the last observed request (as the clock read then, even if it went backwards).
     pub(crate) const fn last_ns(&self) -> u64 {
         self.last_ns
+    }
+
+    /// The subject's kind.
+    #[inline]
+    pub(crate) const fn kind(&self) -> SubjectKind {
+        self.kind
+    }
+
+    /// Requests observed since the last [`evaluated`](Self::evaluated) call (saturating).
+    #[inline]
+    pub(crate) const fn since_eval(&self) -> u16 {
+        self.since_eval
+    }
+
+    /// Whether the subject was evaluated since it last asked for a prompt evaluation.
+    #[inline]
+    pub(crate) const fn is_evaluated(&self) -> bool {
+        self.flags & F_EVALUATED != 0
+    }
+
+    /// Records an evaluation (`true`: resets the request count) or asks for a prompt one
+    /// (`false`).
+    #[inline]
+    pub(crate) fn evaluated(&mut self, done: bool) {
+        if done {
+            self.flags |= F_EVALUATED;
+            self.since_eval = 0;
+        } else {
+            self.flags &= !F_EVALUATED;
+        }
     }
 
     /// Folds decayed counters and rotates windows when due. O(1); four compares when not due.
@@ -486,18 +528,13 @@ impl Signals {
     #[inline]
     /// `pinned_counts: false` leaves the request out of the pinned share (see
     /// `SubjectBehavior::observe`).
-    pub(crate) fn observe(
-        &mut self,
-        kind: SubjectKind,
-        obs: &Observation,
-        pinned_counts: bool,
-        p: &BehaviorParams,
-    ) {
+    pub(crate) fn observe(&mut self, obs: &Observation, pinned_counts: bool, p: &BehaviorParams) {
         let now = obs.now_ns;
         self.advance(now, p);
 
         self.reqs += 1.0;
         self.win_reqs[0] = self.win_reqs[0].saturating_add(1);
+        self.since_eval = self.since_eval.saturating_add(1);
         if obs.logprobs {
             self.logprobs += 1.0;
         }
@@ -550,7 +587,9 @@ impl Signals {
             }
             self.recent[usize::from(self.recent_head) % RECENT] = sim;
             self.recent_head = ((usize::from(self.recent_head) + 1) % RECENT) as u8;
-            self.recent_len = (self.recent_len + 1).min(RECENT as u8);
+            if self.recent_head == 0 {
+                self.flags |= F_RING_FULL;
+            }
             self.flags |= F_SIMHASH;
         }
 
@@ -585,7 +624,7 @@ impl Signals {
             }
         }
 
-        let peer = match kind {
+        let peer = match self.kind {
             SubjectKind::ApiKey => obs.cluster_hash,
             SubjectKind::Org | SubjectKind::IpCluster => obs.key_hash,
         };
@@ -627,7 +666,7 @@ impl Signals {
     /// Distinct SimHash clusters (greedy: a prompt further than `near_bits` from every
     /// earlier one starts a new cluster) among the recent prompts, once the ring is full.
     fn recent_clusters(&self, near_bits: u32) -> Option<f32> {
-        if usize::from(self.recent_len) < RECENT {
+        if self.flags & F_RING_FULL == 0 {
             return None;
         }
         let mut clusters = 0_u32;
@@ -700,7 +739,7 @@ impl Signals {
             }
         };
 
-        let prompt_total = self.prompt_n[0].saturating_add(self.prompt_n[1]);
+        let prompt_total = u32::from(self.prompt_n[0]) + u32::from(self.prompt_n[1]);
         // Union of both windows while it can be counted, else the sum of the two windows.
         let union = self.prompts.distinct();
         let distinct = if union < PROMPT_UNION_MAX {
@@ -769,7 +808,7 @@ impl Signals {
             } else {
                 0.0
             },
-            window_requests: self.win_reqs[0].saturating_add(self.win_reqs[1]),
+            window_requests: u32::from(self.win_reqs[0]) + u32::from(self.win_reqs[1]),
             distinct_ratio,
             distinct_prompts: distinct,
             templates: self.templates.distinct(),
@@ -850,13 +889,13 @@ mod tests {
     #[test]
     fn rates_converge_to_truth() {
         let p = params();
-        let mut s = Signals::new(0);
+        let mut s = Signals::new(SubjectKind::ApiKey, 0);
         // 60 requests per minute, 500 output tokens each, for 20 minutes.
         for i in 0..1200_u64 {
             let mut o = obs(i * S);
             o.expected_output_tokens = 500;
             o.logprobs = i % 2 == 0;
-            s.observe(SubjectKind::ApiKey, &o, true, &p);
+            s.observe(&o, true, &p);
             s.settle(500);
         }
         let v = s.view(1200 * S, &p);
@@ -874,16 +913,16 @@ mod tests {
     #[test]
     fn distinct_ratio_and_concentration() {
         let p = params();
-        let mut dup = Signals::new(0);
-        let mut sweep = Signals::new(0);
+        let mut dup = Signals::new(SubjectKind::ApiKey, 0);
+        let mut sweep = Signals::new(SubjectKind::ApiKey, 0);
         for i in 0..300_u64 {
             let mut o = obs(i * S);
             o.prompt_fp = Some(42);
             o.template_fp = Some(7);
-            dup.observe(SubjectKind::ApiKey, &o, true, &p);
+            dup.observe(&o, true, &p);
             o.prompt_fp = Some(i.wrapping_mul(0x9E37_79B9));
             o.prompt_simhash = Some(0xF0F0_F0F0_0000_0000 ^ (1 << (i % 5)));
-            sweep.observe(SubjectKind::ApiKey, &o, true, &p);
+            sweep.observe(&o, true, &p);
         }
         let d = dup.view(300 * S, &p);
         let w = sweep.view(300 * S, &p);
@@ -951,14 +990,14 @@ mod tests {
         let variants: Vec<u64> = (0..5).map(|i| flip(base, &mut next, 1 + i % 4)).collect();
         let mut agree = 0;
         for key in 0..20_u64 {
-            let mut s = Signals::new(0);
+            let mut s = Signals::new(SubjectKind::ApiKey, 0);
             for i in 0..200_u64 {
                 let mut o = obs(i * S);
                 let v = variants[(next() % 5) as usize];
                 let k = 1 + (next() % 4) as u32;
                 o.prompt_simhash = Some(flip(v, &mut next, k));
                 o.prompt_fp = Some(next());
-                s.observe(SubjectKind::ApiKey, &o, true, &p);
+                s.observe(&o, true, &p);
             }
             let c = s.centroid().unwrap();
             assert!((c ^ base).count_ones() <= 4, "key {key}: {:x}", c ^ base);
@@ -973,11 +1012,11 @@ mod tests {
         }
         assert!(agree >= 18, "{agree}");
         // Unrelated prompts: no concentration.
-        let mut s = Signals::new(0);
+        let mut s = Signals::new(SubjectKind::ApiKey, 0);
         for i in 0..200_u64 {
             let mut o = obs(i * S);
             o.prompt_simhash = Some(next());
-            s.observe(SubjectKind::ApiKey, &o, true, &p);
+            s.observe(&o, true, &p);
         }
         assert!(s.view(200 * S, &p).concentration < 0.1);
     }
@@ -985,9 +1024,9 @@ mod tests {
     #[test]
     fn child_sketches_are_boxed_on_first_child_and_forget() {
         let p = params();
-        let mut org = Signals::new(0);
+        let mut org = Signals::new(SubjectKind::Org, 0);
         for i in 0..50_u64 {
-            org.observe(SubjectKind::Org, &obs(i * S), true, &p);
+            org.observe(&obs(i * S), true, &p);
         }
         // Ordinary traffic never boxes the children's sketches.
         assert!(org.kids.is_none());
@@ -1013,14 +1052,14 @@ mod tests {
     #[test]
     fn peers_count_clusters_for_keys_and_keys_for_groups() {
         let p = params();
-        let mut key = Signals::new(0);
-        let mut org = Signals::new(0);
+        let mut key = Signals::new(SubjectKind::ApiKey, 0);
+        let mut org = Signals::new(SubjectKind::Org, 0);
         for i in 0..50_u64 {
             let mut o = obs(i * S);
             o.cluster_hash = i; // a new cluster every request
             o.key_hash = i % 5;
-            key.observe(SubjectKind::ApiKey, &o, true, &p);
-            org.observe(SubjectKind::Org, &o, true, &p);
+            key.observe(&o, true, &p);
+            org.observe(&o, true, &p);
         }
         let peers = key.view(50 * S, &p).peers;
         assert!((peers - 50.0).abs() < 10.0, "{peers}");
@@ -1030,21 +1069,21 @@ mod tests {
     #[test]
     fn clock_going_backwards_saturates() {
         let p = params();
-        let mut s = Signals::new(1000 * S);
+        let mut s = Signals::new(SubjectKind::ApiKey, 1000 * S);
         for t in [1000 * S, 10, 0, 2000 * S, 5 * S] {
-            s.observe(SubjectKind::ApiKey, &obs(t), true, &p);
+            s.observe(&obs(t), true, &p);
         }
         let v = s.view(0, &p);
         assert!(v.req_per_min.is_finite() && v.req_per_min >= 0.0);
         assert!(v.cv.is_none() || v.cv.unwrap().is_finite());
         assert_eq!(s.last_ns(), 5 * S);
         // Far-future reading, then back to normal: windows and decay keep working.
-        let mut s = Signals::new(0);
-        s.observe(SubjectKind::ApiKey, &obs(u64::MAX / 2), true, &p);
+        let mut s = Signals::new(SubjectKind::ApiKey, 0);
+        s.observe(&obs(u64::MAX / 2), true, &p);
         for i in 0..100_u64 {
             let mut o = obs(i * S);
             o.cluster_hash = i;
-            s.observe(SubjectKind::ApiKey, &o, true, &p);
+            s.observe(&o, true, &p);
         }
         let v = s.view(100 * S + 700 * S, &p);
         assert!(v.peers < 1.0, "windows rotated after the jump: {v:?}");
@@ -1054,13 +1093,13 @@ mod tests {
     #[test]
     fn extreme_inputs_stay_finite() {
         let p = params();
-        let mut s = Signals::new(0);
+        let mut s = Signals::new(SubjectKind::Org, 0);
         for i in 0..100_u64 {
             let mut o = obs(i);
             o.input_tokens = u64::MAX;
             o.expected_output_tokens = u64::MAX;
             o.pressure = f32::NAN;
-            s.observe(SubjectKind::Org, &o, true, &p);
+            s.observe(&o, true, &p);
             s.settle(u64::MAX);
         }
         let v = s.view(u64::MAX, &p);
