@@ -12,11 +12,11 @@ bin=target/release/examples
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-# Attack scenarios' default rates (requests/min per actor), from `simulate --list`.
+# Attack scenarios' default rates (requests/min per actor), read from `simulate --list`,
+# each multiplied by a factor: "E1=60,E2=20,..." for 0.5.
 rates() { # factor
-    awk -v f="$1" 'BEGIN { split("E1=120 E2=40 E3=30 E4=3 E5=75 E6=90", a, " ");
-        out = ""; for (i = 1; i <= 6; i++) { split(a[i], kv, "=");
-        out = out (i > 1 ? "," : "") kv[1] "=" kv[2] * f } print out }'
+    "$bin/simulate" --list | awk -v f="$1" '$2 == "attack" {
+        out = out (out == "" ? "" : ",") $1 "=" $5 * f } END { print out }'
 }
 
 variants=(
@@ -30,17 +30,33 @@ variants=(
     "E4 with 400 actors|--actors E4=400"
 )
 
+run() { # what, command...: runs it, and on failure says which run and shows its errors
+    local what=$1
+    shift
+    if ! "$@" 2> "$tmp/err"; then
+        echo "robustness.sh: $what failed ($name, seed $seed):" >&2
+        cat "$tmp/err" >&2
+        exit 1
+    fi
+}
+
 for v in "${variants[@]}"; do
     name=${v%%|*}
     flags=${v#*|}
     for seed in ${SEEDS:-1 2 3}; do
         # shellcheck disable=SC2086
-        "$bin/simulate" --quiet --seed "$seed" --duration-min 60 $flags \
+        run simulate "$bin/simulate" --quiet --seed "$seed" --duration-min 60 $flags \
             --trace "$tmp/t.jsonl" --truth "$tmp/truth.jsonl"
-        "$bin/replay" --quiet --seed "$seed" < "$tmp/t.jsonl" > "$tmp/d.jsonl" 2>/dev/null
-        "$bin/replay" --quiet --seed "$seed" --limits-only < "$tmp/t.jsonl" > "$tmp/b.jsonl" 2>/dev/null
-        summary=$("$bin/evaluate" --trace "$tmp/t.jsonl" --truth "$tmp/truth.jsonl" \
-            --decisions "$tmp/d.jsonl" --baseline "$tmp/b.jsonl" | grep '^summary')
+        run replay "$bin/replay" --quiet --seed "$seed" < "$tmp/t.jsonl" > "$tmp/d.jsonl"
+        run "replay --limits-only" "$bin/replay" --quiet --seed "$seed" --limits-only \
+            < "$tmp/t.jsonl" > "$tmp/b.jsonl"
+        run evaluate "$bin/evaluate" --trace "$tmp/t.jsonl" --truth "$tmp/truth.jsonl" \
+            --decisions "$tmp/d.jsonl" --baseline "$tmp/b.jsonl" > "$tmp/eval.txt"
+        summary=$(grep '^summary' "$tmp/eval.txt" || true)
+        if [ -z "$summary" ]; then
+            echo "robustness.sh: evaluate printed no summary ($name, seed $seed)" >&2
+            exit 1
+        fi
         printf '%-28s seed %s  %s\n' "$name" "$seed" "${summary#summary: }"
     done
 done

@@ -639,7 +639,8 @@ impl SubjectBehavior {
     /// `enforced`). Levels below `throttle` are ignored. Enough distinct escalated keys within
     /// `propagation.window_s` raise this subject (see `PropagationPolicy`). When the key is
     /// new in the current window, the next `evaluate` runs without waiting for
-    /// `evaluate_every_ms`. O(1), no allocation.
+    /// `evaluate_every_ms`. O(1); the first escalated child boxes the 40-byte children's
+    /// sketches.
     pub(crate) fn child_escalated(
         &mut self,
         child_hash: u64,

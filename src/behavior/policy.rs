@@ -74,7 +74,8 @@ pub struct BehaviorPolicy {
     /// Ratio-based detectors (sweep, diversity, timing, pinned) stay silent until the subject
     /// made at least this many requests in the current and previous window. Default `16`:
     /// below that a share or a coefficient of variation is noise, and one human session
-    /// rarely has more.
+    /// rarely has more. At most 65535. The distinct-prompt ratio asks for at most 384 prompts
+    /// (one full prompt window), whatever this says.
     pub min_requests: u32,
     /// A prompt whose SimHash is at most this many bits from the subject's SimHash centroid
     /// (the majority of its recent prompts) belongs to the subject's prompt family; the
@@ -855,6 +856,10 @@ impl BehaviorPolicy {
                 "must be at most 65535",
             ));
         }
+        // Window counts saturate at 65,535 per window.
+        if self.min_requests > u32::from(u16::MAX) {
+            return Err(invalid(path, "min_requests", "must be at most 65535"));
+        }
         positive_secs(path, "rate_half_life_s", self.rate_half_life_s)?;
         positive_secs(path, "window_s", self.window_s)?;
         if self.near_bits == 0 || self.near_bits > 32 {
@@ -1049,6 +1054,9 @@ impl DetectorsPolicy {
         let d = &self.template_spread;
         let p = format!("{path}.template_spread");
         finite_nonneg(&p, "weight", d.weight)?;
+        if d.min_subject_requests > u32::from(u16::MAX) {
+            return Err(invalid(&p, "min_subject_requests", "must be at most 65535"));
+        }
         ramp(&p, "min_orgs", d.min_orgs, "full_orgs", d.full_orgs)?;
         ramp(
             &p,
@@ -1193,6 +1201,21 @@ mod tests {
         assert!(matches!(
             p.validate("behavior").unwrap_err(),
             ConfigError::Invalid { ref path, .. } if path == "behavior.evaluate_min_requests"
+        ));
+        let p = BehaviorPolicy {
+            min_requests: 70_000,
+            ..BehaviorPolicy::default()
+        };
+        assert!(matches!(
+            p.validate("behavior").unwrap_err(),
+            ConfigError::Invalid { ref path, .. } if path == "behavior.min_requests"
+        ));
+        let mut p = BehaviorPolicy::default();
+        p.detectors.template_spread.min_subject_requests = 70_000;
+        assert!(matches!(
+            p.validate("behavior").unwrap_err(),
+            ConfigError::Invalid { ref path, .. }
+                if path == "behavior.detectors.template_spread.min_subject_requests"
         ));
         // An old config with a long evaluate_every_ms and no evaluate_max_ms stays valid.
         let p = BehaviorPolicy {
