@@ -12,10 +12,10 @@
 
 use std::time::{Duration, Instant};
 
-use ratewarden::{ManualClock, Policy, Warden};
+use ratewarden::Policy;
 
 use super::eval;
-use super::replay::{Options, Parts, Replayer, Summary};
+use super::replay::{self, Options, Parts, Replayer, Summary};
 use super::sim::{self, Role, SimConfig, TraceRecord};
 
 /// Runs `records` through a fresh warden with `policy` and hashing seed `seed` (so that a
@@ -25,21 +25,8 @@ pub fn run_policy(
     policy: Policy,
     seed: u64,
 ) -> (Vec<eval::EvalDecision>, Summary) {
-    let clock = ManualClock::new();
-    let warden = Warden::builder()
-        .policy(policy)
-        .clock(clock.clone())
-        .seed(seed)
-        .build()
-        .expect("valid policy");
-    let mut r = Replayer::new(
-        &warden,
-        clock,
-        Options {
-            verbose_errors: false,
-            ..Options::default()
-        },
-    );
+    let (warden, clock) = replay::replay_warden(policy, Some(seed));
+    let mut r = Replayer::new(&warden, clock, Options::quiet());
     let start = Instant::now();
     let mut out = Vec::with_capacity(records.len());
     for (i, (rec, _)) in records.iter().enumerate() {

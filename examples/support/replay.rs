@@ -105,6 +105,16 @@ pub struct Options {
     pub verbose_errors: bool,
 }
 
+impl Options {
+    /// No error reports on stderr (tests, benches, the demo).
+    pub fn quiet() -> Self {
+        Self {
+            verbose_errors: false,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Self {
@@ -536,25 +546,24 @@ pub fn replay_quiet(
     input: impl BufRead,
     output: impl Write,
 ) -> std::io::Result<Summary> {
-    let clock = ManualClock::new();
-    let mut builder = Warden::builder().policy(policy).clock(clock.clone());
-    if let Some(s) = seed {
-        builder = builder.seed(s);
-    }
-    let w = builder.build().expect("valid policy");
-    let mut r = Replayer::new(
-        &w,
-        clock,
-        Options {
-            verbose_errors: false,
-            ..Options::default()
-        },
-    );
+    let (w, clock) = replay_warden(policy, seed);
+    let mut r = Replayer::new(&w, clock, Options::quiet());
     if pipelined {
         r.run(input, output)
     } else {
         r.run_serial(input, output)
     }
+}
+
+/// A warden for replaying `policy` on a manual clock (returned with it), its hashing seed
+/// fixed to `seed` when given.
+pub fn replay_warden(policy: Policy, seed: Option<u64>) -> (Warden, ManualClock) {
+    let clock = ManualClock::new();
+    let mut builder = Warden::builder().policy(policy).clock(clock.clone());
+    if let Some(s) = seed {
+        builder = builder.seed(s);
+    }
+    (builder.build().expect("valid policy"), clock)
 }
 
 /// Appends one decision line in the `TRACE_FORMAT.md` decision format.

@@ -1194,29 +1194,26 @@ mod tests {
             }
         );
 
-        let p = BehaviorPolicy {
-            evaluate_min_requests: 70_000,
-            ..BehaviorPolicy::default()
-        };
-        assert!(matches!(
-            p.validate("behavior").unwrap_err(),
-            ConfigError::Invalid { ref path, .. } if path == "behavior.evaluate_min_requests"
-        ));
-        let p = BehaviorPolicy {
-            min_requests: 70_000,
-            ..BehaviorPolicy::default()
-        };
-        assert!(matches!(
-            p.validate("behavior").unwrap_err(),
-            ConfigError::Invalid { ref path, .. } if path == "behavior.min_requests"
-        ));
-        let mut p = BehaviorPolicy::default();
-        p.detectors.template_spread.min_subject_requests = 70_000;
-        assert!(matches!(
-            p.validate("behavior").unwrap_err(),
-            ConfigError::Invalid { ref path, .. }
-                if path == "behavior.detectors.template_spread.min_subject_requests"
-        ));
+        // Counts above 65535 cannot be reached (they are u16 in the state).
+        type Set = fn(&mut BehaviorPolicy);
+        let too_big: [(&str, Set); 3] = [
+            ("behavior.evaluate_min_requests", |p| {
+                p.evaluate_min_requests = 70_000
+            }),
+            ("behavior.min_requests", |p| p.min_requests = 70_000),
+            (
+                "behavior.detectors.template_spread.min_subject_requests",
+                |p| p.detectors.template_spread.min_subject_requests = 70_000,
+            ),
+        ];
+        for (field, set) in too_big {
+            let mut p = BehaviorPolicy::default();
+            set(&mut p);
+            assert!(matches!(
+                p.validate("behavior").unwrap_err(),
+                ConfigError::Invalid { ref path, .. } if path == field
+            ));
+        }
         // An old config with a long evaluate_every_ms and no evaluate_max_ms stays valid.
         let p = BehaviorPolicy {
             evaluate_every_ms: 60_000,
