@@ -143,16 +143,32 @@ fn pipelined_and_serial_replays_write_the_same_bytes() {
     // out-of-order lines in it, and no newline at the very end.
     let (trace, _) = simulate(3, 4);
     let mut input: Vec<u8> = Vec::new();
+    // Output lines of the four requests of one key, spelt with and without JSON escapes.
+    let mut escaped_key = Vec::new();
+    let mut out_line = 0usize;
     for (n, line) in trace.lines().enumerate() {
         match n % 997 {
             5 => input.extend_from_slice(b"{\"ts_ms\": oops}\n"),
             6 => input.extend_from_slice(b"\xff\xfe not utf-8\n"),
             7 => input.extend_from_slice(b"\n"),
             8 => input.extend_from_slice(b"{\"ts_ms\":0,\"api_key\":\"k\",\"org\":\"o\",\"ip\":\"1.2.3.4\",\"input_tokens\":1,\"output_tokens\":1}\r\n"),
+            9 if n < 997 => {
+                for spelling in [r"sk-\u0065sc", "sk-esc", r"sk-e\u0073c", "sk-esc"] {
+                    input.extend_from_slice(
+                        format!("{{\"ts_ms\":0,\"api_key\":\"{spelling}\",\"org\":\"o\\u0072g\",\"ip\":\"1.2.3.4\",\"input_tokens\":1,\"output_tokens\":1,\"model\":\"m\\u0031\"}}\n").as_bytes(),
+                    );
+                    escaped_key.push(out_line);
+                    out_line += 1;
+                }
+            }
             _ => {}
+        }
+        if (5..=8).contains(&(n % 997)) {
+            out_line += 1;
         }
         input.extend_from_slice(line.as_bytes());
         input.push(b'\n');
+        out_line += 1;
     }
     input.pop();
     assert!(trace.lines().count() > 3 * 1024, "spans several batches");
@@ -186,6 +202,17 @@ fn pipelined_and_serial_replays_write_the_same_bytes() {
     let (a, b) = (String::from_utf8(a).unwrap(), String::from_utf8(b).unwrap());
     assert_eq!(a.lines().count() as u64, sa.requests + sa.malformed);
     assert!(a == b, "pipelined and serial outputs differ");
+    // The escaped and plain spellings are one key: its burst of 3 is spent by the fourth.
+    let lines: Vec<&str> = a.lines().collect();
+    let allowed: Vec<bool> = escaped_key
+        .iter()
+        .map(|&k| {
+            let v: serde_json::Value = serde_json::from_str(lines[k]).unwrap();
+            assert_eq!(v["i"], k as u64);
+            v["allowed"].as_bool().unwrap()
+        })
+        .collect();
+    assert_eq!(allowed, [true, true, true, false]);
 }
 
 #[test]

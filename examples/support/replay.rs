@@ -7,7 +7,6 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 use std::io::{BufRead, Write};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -27,16 +26,28 @@ pub struct Line<'a> {
     pub ip: Cow<'a, str>,
     pub input_tokens: u64,
     pub output_tokens: u64,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "opt_borrowed")]
     pub model: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "opt_borrowed")]
     pub prompt_fp: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "opt_borrowed")]
     pub prompt_simhash: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "opt_borrowed")]
     pub template_fp: Option<Cow<'a, str>>,
     #[serde(default)]
     pub logprobs: bool,
+}
+
+/// An optional string borrowed from the line when it has no escapes. Serde borrows a plain
+/// `Cow<str>` field under `#[serde(borrow)]`, but not one inside an `Option`: without this,
+/// each optional string was copied into a fresh `String`.
+fn opt_borrowed<'de, D>(d: D) -> Result<Option<Cow<'de, str>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Borrowed<'de>>::deserialize(d)?.map(|b| b.0))
 }
 
 fn hex(field: &str, v: &Option<Cow<'_, str>>) -> Result<Option<u64>, String> {
@@ -308,6 +319,11 @@ impl<'w> Replayer<'w> {
     /// costly as the check). Decisions, counts and error reports are exactly those of
     /// [`run_serial`](Self::run_serial), in the same order. Returns the summary (also kept in
     /// `self.summary`).
+    ///
+    /// A batch travels as one buffer of raw lines plus their end offsets (found while reading,
+    /// so the parser does not scan for newlines again). The parser turns the buffer into a
+    /// `String` in one UTF-8 pass and records each field as a range into it, so field text is
+    /// never copied. Buffers come back to this thread and are reused.
     pub fn run(
         &mut self,
         mut input: impl BufRead,
@@ -321,12 +337,13 @@ impl<'w> Replayer<'w> {
         let start = Instant::now();
         let mut out = String::with_capacity(1 << 16);
         let mut i = 0u64;
+        let mut spare: Vec<Chunk> = Vec::with_capacity(AHEAD + 1);
         std::thread::scope(|scope| -> std::io::Result<()> {
-            let (raw_tx, raw_rx) = sync_channel::<Vec<u8>>(2);
+            let (raw_tx, raw_rx) = sync_channel::<Chunk>(2);
             let (parsed_tx, parsed_rx) = sync_channel::<Batch>(2);
             scope.spawn(move || {
-                for raw in raw_rx {
-                    if parsed_tx.send(Batch::parse(&raw)).is_err() {
+                for chunk in raw_rx {
+                    if parsed_tx.send(Batch::parse(chunk)).is_err() {
                         break;
                     }
                 }
@@ -338,22 +355,26 @@ impl<'w> Replayer<'w> {
             let mut eof = false;
             while !eof || in_flight > 0 {
                 if !eof {
-                    let mut raw = Vec::with_capacity(BATCH * 256);
-                    let mut lines = 0;
-                    while lines < BATCH {
-                        let before = raw.len();
-                        if input.read_until(b'\n', &mut raw)? == 0 {
+                    let mut chunk = spare.pop().unwrap_or_else(|| Chunk {
+                        raw: Vec::with_capacity(BATCH * 320),
+                        ends: Vec::with_capacity(BATCH),
+                    });
+                    chunk.raw.clear();
+                    chunk.ends.clear();
+                    while chunk.ends.len() < BATCH {
+                        if input.read_until(b'\n', &mut chunk.raw)? == 0 {
                             eof = true;
                             break;
                         }
-                        if raw.last() != Some(&b'\n') {
-                            raw.push(b'\n');
+                        if chunk.raw.last() != Some(&b'\n') {
+                            chunk.raw.push(b'\n');
                         }
-                        debug_assert!(raw.len() > before);
-                        lines += 1;
+                        chunk.ends.push(chunk.raw.len());
                     }
-                    if lines > 0 {
-                        raw_tx.send(raw).expect("parser thread alive");
+                    if chunk.ends.is_empty() {
+                        spare.push(chunk);
+                    } else {
+                        raw_tx.send(chunk).expect("parser thread alive");
                         in_flight += 1;
                     }
                     if in_flight < AHEAD && !eof {
@@ -367,7 +388,7 @@ impl<'w> Replayer<'w> {
                 in_flight -= 1;
                 for item in &batch.items {
                     let o = match item {
-                        Ok(p) => self.apply_parts(i, &p.parts(&batch.arena)),
+                        Ok(p) => self.apply_parts(i, &batch.parts(p)),
                         Err(e) => self.malformed(i, e),
                     };
                     write_decision(&mut out, i, &o);
@@ -377,6 +398,7 @@ impl<'w> Replayer<'w> {
                         out.clear();
                     }
                 }
+                spare.push(batch.into_chunk());
             }
             drop(raw_tx);
             Ok(())
@@ -445,95 +467,151 @@ impl<'w> Replayer<'w> {
     }
 }
 
-/// A request parsed off the reading thread: strings as ranges into the batch's arena.
+/// Raw lines on their way to the parser: line `k` ends with its `\n` just before `ends[k]`.
+#[derive(Debug)]
+struct Chunk {
+    raw: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+/// A field's text: a byte range into the batch's text, or into its `extra` arena when at or
+/// past `text.len()` (a string that had JSON escapes, so it is not a slice of the line).
+type Span = (usize, usize);
+
+/// A request parsed off the reading thread, its strings as spans.
 #[derive(Debug)]
 struct OwnedParts {
     ts_ms: u64,
-    api_key: (usize, usize),
-    org: (usize, usize),
+    api_key: Span,
+    org: Span,
     ip: IpAddr,
     input_tokens: u64,
     output_tokens: u64,
-    model: Option<(usize, usize)>,
+    model: Option<Span>,
     prompt_fp: Option<u64>,
     prompt_simhash: Option<u64>,
     template_fp: Option<u64>,
     logprobs: bool,
 }
 
-impl OwnedParts {
-    fn parts<'a>(&self, arena: &'a str) -> Parts<'a> {
-        let s = |(a, b): (usize, usize)| &arena[a..b];
-        Parts {
-            ts_ms: self.ts_ms,
-            api_key: s(self.api_key),
-            org: s(self.org),
-            ip: self.ip,
-            input_tokens: self.input_tokens,
-            output_tokens: self.output_tokens,
-            model: self.model.map(s),
-            prompt_fp: self.prompt_fp,
-            prompt_simhash: self.prompt_simhash,
-            template_fp: self.template_fp,
-            logprobs: self.logprobs,
-        }
-    }
-}
-
 /// A batch of parsed lines, in input order; a malformed line is its error message.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Batch {
-    arena: String,
+    /// The chunk's lines as text (a line that was not UTF-8 reads as U+FFFD).
+    text: String,
+    /// Decoded strings that are not slices of `text`.
+    extra: String,
+    ends: Vec<usize>,
     items: Vec<Result<OwnedParts, String>>,
 }
 
 impl Batch {
-    /// Parses newline-terminated lines (`\r\n` accepted) exactly as `apply_text` would.
-    fn parse(raw: &[u8]) -> Batch {
-        let mut b = Batch {
-            arena: String::with_capacity(raw.len() / 4),
-            items: Vec::with_capacity(1024),
+    /// Parses the chunk's lines (`\r\n` accepted) exactly as `apply_text` would.
+    fn parse(chunk: Chunk) -> Batch {
+        let Chunk { raw, ends } = chunk;
+        let (text, ends) = match String::from_utf8(raw) {
+            Ok(t) => (t, ends),
+            Err(e) => lossy_lines(&e.into_bytes(), &ends),
         };
-        for line in raw.split_inclusive(|&c| c == b'\n') {
-            let line = line.strip_suffix(b"\n").unwrap_or(line);
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let item = match std::str::from_utf8(line) {
-                // As `run_serial`, which sees U+FFFD for a line that is not UTF-8.
-                Err(_) => Batch::line("\u{fffd}", &mut b.arena),
-                Ok(text) => Batch::line(text, &mut b.arena),
-            };
+        let mut b = Batch {
+            text,
+            extra: String::new(),
+            items: Vec::with_capacity(ends.len()),
+            ends,
+        };
+        let mut from = 0;
+        for &end in &b.ends {
+            let line = &b.text[from..end - 1];
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            from = end;
+            let item = Batch::line(line, &b.text, &mut b.extra);
             b.items.push(item);
         }
         b
     }
 
-    fn line(text: &str, arena: &mut String) -> Result<OwnedParts, String> {
-        let l = serde_json::from_str::<Line<'_>>(text).map_err(|e| e.to_string())?;
+    fn line(line: &str, text: &str, extra: &mut String) -> Result<OwnedParts, String> {
+        let l = serde_json::from_str::<Line<'_>>(line).map_err(|e| e.to_string())?;
         let ip: IpAddr =
             l.ip.parse()
                 .map_err(|_| format!("ip: invalid address {:?}", l.ip))?;
         let prompt_fp = hex("prompt_fp", &l.prompt_fp)?;
         let prompt_simhash = hex("prompt_simhash", &l.prompt_simhash)?;
         let template_fp = hex("template_fp", &l.template_fp)?;
-        let mut put = |s: &str| {
-            let a = arena.len();
-            arena.push_str(s);
-            (a, arena.len())
+        let base = text.as_ptr() as usize;
+        let mut span = |s: &Cow<'_, str>| -> Span {
+            let (a, len) = match s {
+                // Borrowed strings are slices of `line`, itself a slice of `text`.
+                Cow::Borrowed(b) => (b.as_ptr() as usize - base, b.len()),
+                Cow::Owned(o) => {
+                    let a = text.len() + extra.len();
+                    extra.push_str(o);
+                    (a, o.len())
+                }
+            };
+            (a, a + len)
         };
         Ok(OwnedParts {
             ts_ms: l.ts_ms,
-            api_key: put(&l.api_key),
-            org: put(&l.org),
+            api_key: span(&l.api_key),
+            org: span(&l.org),
             ip,
             input_tokens: l.input_tokens,
             output_tokens: l.output_tokens,
-            model: l.model.as_deref().map(&mut put),
+            model: l.model.as_ref().map(&mut span),
             prompt_fp,
             prompt_simhash,
             template_fp,
             logprobs: l.logprobs,
         })
     }
+
+    fn str(&self, (a, b): Span) -> &str {
+        let n = self.text.len();
+        if a < n {
+            &self.text[a..b]
+        } else {
+            &self.extra[a - n..b - n]
+        }
+    }
+
+    fn parts(&self, p: &OwnedParts) -> Parts<'_> {
+        Parts {
+            ts_ms: p.ts_ms,
+            api_key: self.str(p.api_key),
+            org: self.str(p.org),
+            ip: p.ip,
+            input_tokens: p.input_tokens,
+            output_tokens: p.output_tokens,
+            model: p.model.map(|m| self.str(m)),
+            prompt_fp: p.prompt_fp,
+            prompt_simhash: p.prompt_simhash,
+            template_fp: p.template_fp,
+            logprobs: p.logprobs,
+        }
+    }
+
+    /// The buffers back, for the next chunk.
+    fn into_chunk(self) -> Chunk {
+        Chunk {
+            raw: self.text.into_bytes(),
+            ends: self.ends,
+        }
+    }
+}
+
+/// The lines of `raw` (ending at `ends`) as text, each line that is not UTF-8 replaced by
+/// U+FFFD, as `run_serial` sees it; and the new line ends.
+fn lossy_lines(raw: &[u8], ends: &[usize]) -> (String, Vec<usize>) {
+    let mut text = String::with_capacity(raw.len());
+    let mut new_ends = Vec::with_capacity(ends.len());
+    let mut from = 0;
+    for &end in ends {
+        text.push_str(std::str::from_utf8(&raw[from..end]).unwrap_or("\u{fffd}\n"));
+        new_ends.push(text.len());
+        from = end;
+    }
+    (text, new_ends)
 }
 
 /// Replays `input` into `output` through a fresh warden with `policy` on a manual clock,
@@ -568,30 +646,114 @@ pub fn replay_warden(policy: Policy, seed: Option<u64>) -> (Warden, ManualClock)
 
 /// Appends one decision line in the `TRACE_FORMAT.md` decision format.
 pub fn write_decision(out: &mut String, i: u64, o: &Outcome) {
-    let _ = write!(
-        out,
-        "{{\"i\":{i},\"allowed\":{},\"level\":\"{}\",\"reason\":",
-        o.allowed,
-        o.level.as_str()
-    );
+    out.push_str("{\"i\":");
+    push_u64(out, i);
+    out.push_str(if o.allowed {
+        ",\"allowed\":true,\"level\":\""
+    } else {
+        ",\"allowed\":false,\"level\":\""
+    });
+    out.push_str(o.level.as_str());
+    out.push_str("\",\"reason\":");
     match &o.reason {
-        Some(r) => {
-            let _ = write!(out, "{}", serde_json::Value::String(r.clone()));
+        // Reasons are limit names and fixed words; escape whatever JSON needs escaped.
+        Some(r) if r.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') => {
+            out.push('"');
+            out.push_str(r);
+            out.push('"');
         }
+        Some(r) => out.push_str(&serde_json::Value::String(r.clone()).to_string()),
         None => out.push_str("null"),
     }
     out.push_str(",\"retry_after_ms\":");
     match o.retry_after_ms {
-        Some(ms) => {
-            let _ = write!(out, "{ms}");
-        }
+        Some(ms) => push_u64(out, ms),
         None => out.push_str("null"),
     }
     out.push_str("}\n");
 }
 
+/// `v` in decimal, without the formatting machinery.
+fn push_u64(out: &mut String, mut v: u64) {
+    let mut buf = [0_u8; 20];
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for &d in &buf[at..] {
+        out.push(char::from(d));
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn write_decision_matches_serde_json() {
+        use super::{write_decision, Level, Outcome};
+        let outcomes = [
+            (0, true, Level::Normal, None, None),
+            (7, false, Level::Block, Some("behavior:block"), None),
+            (u64::MAX, false, Level::Watch, Some("api_key:rpm"), Some(1)),
+            (
+                42,
+                false,
+                Level::Challenge,
+                Some("odd \"name\\\u{1}é"),
+                Some(u64::MAX),
+            ),
+            (1_000_000, true, Level::Throttle, None, Some(0)),
+        ];
+        for (i, allowed, level, reason, retry) in outcomes {
+            let o = Outcome {
+                allowed,
+                level,
+                reason: reason.map(str::to_string),
+                retry_after_ms: retry,
+            };
+            let mut got = String::new();
+            write_decision(&mut got, i, &o);
+            let want = serde_json::json!({
+                "i": i,
+                "allowed": allowed,
+                "level": level.as_str(),
+                "reason": reason,
+                "retry_after_ms": retry,
+            });
+            assert!(got.ends_with('\n'));
+            let parsed: serde_json::Value = serde_json::from_str(&got).unwrap();
+            assert_eq!(parsed, want, "{got}");
+            // Field order as TRACE_FORMAT.md gives it.
+            assert!(
+                got.starts_with(&format!("{{\"i\":{i},\"allowed\":{allowed},")),
+                "{got}"
+            );
+        }
+    }
+
+    #[test]
+    fn optional_strings_borrow_unless_escaped() {
+        use std::borrow::Cow;
+        let plain = r#"{"ts_ms":1,"api_key":"k","org":"o","ip":"10.0.0.1","input_tokens":1,"output_tokens":2,"model":"m-1","prompt_fp":"00000000000000ff"}"#;
+        let l: super::Line<'_> = serde_json::from_str(plain).unwrap();
+        assert!(matches!(l.model, Some(Cow::Borrowed("m-1"))));
+        assert!(matches!(
+            l.prompt_fp,
+            Some(Cow::Borrowed("00000000000000ff"))
+        ));
+        assert!(l.prompt_simhash.is_none() && l.template_fp.is_none());
+        let escaped = r#"{"ts_ms":1,"api_key":"k","org":"o","ip":"10.0.0.1","input_tokens":1,"output_tokens":2,"model":"m\u002d1","template_fp":null}"#;
+        let l: super::Line<'_> = serde_json::from_str(escaped).unwrap();
+        assert!(matches!(&l.model, Some(Cow::Owned(m)) if m == "m-1"));
+        assert!(l.template_fp.is_none());
+        let wrong = r#"{"ts_ms":1,"api_key":"k","org":"o","ip":"10.0.0.1","input_tokens":1,"output_tokens":2,"model":7}"#;
+        assert!(serde_json::from_str::<super::Line<'_>>(wrong).is_err());
+    }
+
     #[test]
     fn hex16_agrees_with_from_str_radix() {
         let mut x = 0x9E37_79B9_7F4A_7C15_u64;
