@@ -161,6 +161,14 @@ fn pipelined_and_serial_replays_write_the_same_bytes() {
                     out_line += 1;
                 }
             }
+            // A line longer than the pipelined reader's block.
+            10 if n < 997 => {
+                let model = "y".repeat(replay::BLOCK + 1000);
+                input.extend_from_slice(
+                    format!("{{\"ts_ms\":0,\"api_key\":\"k\",\"org\":\"o\",\"ip\":\"1.2.3.4\",\"input_tokens\":1,\"output_tokens\":1,\"model\":\"{model}\"}}\n").as_bytes(),
+                );
+                out_line += 1;
+            }
             _ => {}
         }
         if (5..=8).contains(&(n % 997)) {
@@ -171,7 +179,7 @@ fn pipelined_and_serial_replays_write_the_same_bytes() {
         out_line += 1;
     }
     input.pop();
-    assert!(trace.lines().count() > 3 * 1024, "spans several batches");
+    assert!(input.len() > 4 * replay::BLOCK, "spans several blocks");
     // A tight per-key limit, so denials (with retry-after) are compared too; behaviour on,
     // with a fixed seed so that two wardens decide alike.
     let mut p = Policy::llm_api();

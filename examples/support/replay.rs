@@ -320,17 +320,16 @@ impl<'w> Replayer<'w> {
     /// [`run_serial`](Self::run_serial), in the same order. Returns the summary (also kept in
     /// `self.summary`).
     ///
-    /// A batch travels as one buffer of raw lines plus their end offsets (found while reading,
-    /// so the parser does not scan for newlines again). The parser turns the buffer into a
-    /// `String` in one UTF-8 pass and records each field as a range into it, so field text is
-    /// never copied. Buffers come back to this thread and are reused.
+    /// This thread reads blocks of about [`BLOCK`] bytes, cut after their last newline, and
+    /// leaves finding lines to the parser. The parser turns a block into a `String` in one
+    /// UTF-8 pass and records each field as a range into it, so field text is never copied.
+    /// Buffers come back to this thread and are reused.
     pub fn run(
         &mut self,
         mut input: impl BufRead,
         mut output: impl Write,
     ) -> std::io::Result<Summary> {
         use std::sync::mpsc::sync_channel;
-        const BATCH: usize = 1024;
         // Bounded: at most `AHEAD` batches between reading and deciding, so memory stays
         // bounded and neither thread can wait on the other forever (see the comment below).
         const AHEAD: usize = 3;
@@ -338,6 +337,7 @@ impl<'w> Replayer<'w> {
         let mut out = String::with_capacity(1 << 16);
         let mut i = 0u64;
         let mut spare: Vec<Chunk> = Vec::with_capacity(AHEAD + 1);
+        let mut carry = Vec::new();
         std::thread::scope(|scope| -> std::io::Result<()> {
             let (raw_tx, raw_rx) = sync_channel::<Chunk>(2);
             let (parsed_tx, parsed_rx) = sync_channel::<Batch>(2);
@@ -356,22 +356,13 @@ impl<'w> Replayer<'w> {
             while !eof || in_flight > 0 {
                 if !eof {
                     let mut chunk = spare.pop().unwrap_or_else(|| Chunk {
-                        raw: Vec::with_capacity(BATCH * 320),
-                        ends: Vec::with_capacity(BATCH),
+                        raw: Vec::with_capacity(2 * BLOCK),
+                        ends: Vec::with_capacity(BLOCK / 200),
                     });
                     chunk.raw.clear();
-                    chunk.ends.clear();
-                    while chunk.ends.len() < BATCH {
-                        if input.read_until(b'\n', &mut chunk.raw)? == 0 {
-                            eof = true;
-                            break;
-                        }
-                        if chunk.raw.last() != Some(&b'\n') {
-                            chunk.raw.push(b'\n');
-                        }
-                        chunk.ends.push(chunk.raw.len());
-                    }
-                    if chunk.ends.is_empty() {
+                    chunk.raw.append(&mut carry);
+                    eof = read_block(&mut input, &mut chunk.raw, &mut carry)?;
+                    if chunk.raw.is_empty() {
                         spare.push(chunk);
                     } else {
                         raw_tx.send(chunk).expect("parser thread alive");
@@ -467,7 +458,38 @@ impl<'w> Replayer<'w> {
     }
 }
 
-/// Raw lines on their way to the parser: line `k` ends with its `\n` just before `ends[k]`.
+/// Bytes read per batch of the pipelined replay (about 900 trace lines).
+pub const BLOCK: usize = 256 * 1024;
+
+/// Appends about [`BLOCK`] bytes of `input` to `raw`, cut after the last newline; the rest
+/// goes to `carry`, the start of the next block. A line longer than a block is read whole.
+/// At the end of the input, a last line without a newline gets one. Returns whether the
+/// input is done.
+fn read_block(
+    input: &mut impl BufRead,
+    raw: &mut Vec<u8>,
+    carry: &mut Vec<u8>,
+) -> std::io::Result<bool> {
+    use std::io::Read;
+    loop {
+        let from = raw.len();
+        // `read_to_end` fills spare capacity without zeroing it first.
+        if input.by_ref().take(BLOCK as u64).read_to_end(raw)? == 0 {
+            if raw.last().is_some_and(|&b| b != b'\n') {
+                raw.push(b'\n');
+            }
+            return Ok(true);
+        }
+        if let Some(p) = raw[from..].iter().rposition(|&b| b == b'\n') {
+            carry.extend_from_slice(&raw[from + p + 1..]);
+            raw.truncate(from + p + 1);
+            return Ok(false);
+        }
+    }
+}
+
+/// Raw lines on their way to the parser, each ending with `\n`; `ends` is the parser's
+/// (line `k` ends just before `ends[k]`), sent back with the buffer for reuse.
 #[derive(Debug)]
 struct Chunk {
     raw: Vec<u8>,
@@ -508,10 +530,14 @@ struct Batch {
 impl Batch {
     /// Parses the chunk's lines (`\r\n` accepted) exactly as `apply_text` would.
     fn parse(chunk: Chunk) -> Batch {
-        let Chunk { raw, ends } = chunk;
-        let (text, ends) = match String::from_utf8(raw) {
-            Ok(t) => (t, ends),
-            Err(e) => lossy_lines(&e.into_bytes(), &ends),
+        let Chunk { raw, mut ends } = chunk;
+        ends.clear();
+        let text = match String::from_utf8(raw) {
+            Ok(t) => {
+                ends.extend(t.match_indices('\n').map(|(at, _)| at + 1));
+                t
+            }
+            Err(e) => lossy_lines(&e.into_bytes(), &mut ends),
         };
         let mut b = Batch {
             text,
@@ -600,18 +626,15 @@ impl Batch {
     }
 }
 
-/// The lines of `raw` (ending at `ends`) as text, each line that is not UTF-8 replaced by
-/// U+FFFD, as `run_serial` sees it; and the new line ends.
-fn lossy_lines(raw: &[u8], ends: &[usize]) -> (String, Vec<usize>) {
+/// The lines of `raw` as text, each line that is not UTF-8 replaced by U+FFFD as
+/// `run_serial` sees it, with their ends in `ends`.
+fn lossy_lines(raw: &[u8], ends: &mut Vec<usize>) -> String {
     let mut text = String::with_capacity(raw.len());
-    let mut new_ends = Vec::with_capacity(ends.len());
-    let mut from = 0;
-    for &end in ends {
-        text.push_str(std::str::from_utf8(&raw[from..end]).unwrap_or("\u{fffd}\n"));
-        new_ends.push(text.len());
-        from = end;
+    for line in raw.split_inclusive(|&b| b == b'\n') {
+        text.push_str(std::str::from_utf8(line).unwrap_or("\u{fffd}\n"));
+        ends.push(text.len());
     }
-    (text, new_ends)
+    text
 }
 
 /// Replays `input` into `output` through a fresh warden with `policy` on a manual clock,
@@ -752,6 +775,50 @@ mod tests {
         assert!(l.template_fp.is_none());
         let wrong = r#"{"ts_ms":1,"api_key":"k","org":"o","ip":"10.0.0.1","input_tokens":1,"output_tokens":2,"model":7}"#;
         assert!(serde_json::from_str::<super::Line<'_>>(wrong).is_err());
+    }
+
+    #[test]
+    fn blocks_end_at_newlines_and_lose_nothing() {
+        use super::{read_block, BLOCK};
+        /// Hands out at most 4099 bytes per read, to cut blocks at awkward places.
+        struct Dribble<'a>(&'a [u8]);
+        impl std::io::Read for Dribble<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = buf.len().min(self.0.len()).min(4099);
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let long = "x".repeat(BLOCK * 2 + 17);
+        let mut input = String::new();
+        for i in 0..5000 {
+            input.push_str(&format!("line {i} é\r\n"));
+            if i == 1234 {
+                input.push_str(&long);
+                input.push('\n');
+            }
+        }
+        input.push_str("no newline at the end");
+        for cap in [1, 64, 8192] {
+            let mut r = std::io::BufReader::with_capacity(cap, Dribble(input.as_bytes()));
+            let (mut all, mut carry, mut blocks) = (Vec::new(), Vec::new(), 0);
+            loop {
+                let mut raw = std::mem::take(&mut carry);
+                let eof = read_block(&mut r, &mut raw, &mut carry).unwrap();
+                if !raw.is_empty() {
+                    assert_eq!(raw.last(), Some(&b'\n'));
+                    blocks += 1;
+                }
+                all.extend_from_slice(&raw);
+                if eof {
+                    break;
+                }
+            }
+            assert!(carry.is_empty());
+            assert_eq!(all, format!("{input}\n").into_bytes(), "capacity {cap}");
+            assert!(blocks >= 3, "{blocks} blocks");
+        }
     }
 
     #[test]
