@@ -87,12 +87,13 @@ fn run() -> Result<(), String> {
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     let mut r = replay::Replayer::new(&warden, clock, opts);
-    let input = BufReader::with_capacity(1 << 20, stdin.lock());
     let output = BufWriter::new(stdout.lock());
     let summary = if serial {
-        r.run_serial(input, output)
+        r.run_serial(BufReader::with_capacity(1 << 20, stdin.lock()), output)
     } else {
-        r.run(input, output)
+        // The pipelined reader asks for whole blocks, which bypass stdin's small buffer; a
+        // large `BufReader` here would only add a copy.
+        r.run(stdin.lock(), output)
     }
     .map_err(|e| format!("i/o: {e}"))?;
     eprintln!("{summary}");

@@ -379,7 +379,10 @@ impl<'w> Replayer<'w> {
                 in_flight -= 1;
                 for item in &batch.items {
                     let o = match item {
-                        Ok(p) => self.apply_parts(i, &batch.parts(p)),
+                        Ok(l) => match self.apply(i, &batch.line_at(l)) {
+                            Ok(o) => o,
+                            Err(e) => self.malformed(i, &e),
+                        },
                         Err(e) => self.malformed(i, e),
                     };
                     write_decision(&mut out, i, &o);
@@ -500,19 +503,21 @@ struct Chunk {
 /// past `text.len()` (a string that had JSON escapes, so it is not a slice of the line).
 type Span = (usize, usize);
 
-/// A request parsed off the reading thread, its strings as spans.
+/// A trace line parsed off the reading thread, its strings as spans. The deciding thread
+/// reads the address and the hex features (as [`Replayer::apply`] does for `run_serial`),
+/// which balances the two threads' work.
 #[derive(Debug)]
-struct OwnedParts {
+struct OwnedLine {
     ts_ms: u64,
     api_key: Span,
     org: Span,
-    ip: IpAddr,
+    ip: Span,
     input_tokens: u64,
     output_tokens: u64,
     model: Option<Span>,
-    prompt_fp: Option<u64>,
-    prompt_simhash: Option<u64>,
-    template_fp: Option<u64>,
+    prompt_fp: Option<Span>,
+    prompt_simhash: Option<Span>,
+    template_fp: Option<Span>,
     logprobs: bool,
 }
 
@@ -524,7 +529,7 @@ struct Batch {
     /// Decoded strings that are not slices of `text`.
     extra: String,
     ends: Vec<usize>,
-    items: Vec<Result<OwnedParts, String>>,
+    items: Vec<Result<OwnedLine, String>>,
 }
 
 impl Batch {
@@ -556,14 +561,8 @@ impl Batch {
         b
     }
 
-    fn line(line: &str, text: &str, extra: &mut String) -> Result<OwnedParts, String> {
+    fn line(line: &str, text: &str, extra: &mut String) -> Result<OwnedLine, String> {
         let l = serde_json::from_str::<Line<'_>>(line).map_err(|e| e.to_string())?;
-        let ip: IpAddr =
-            l.ip.parse()
-                .map_err(|_| format!("ip: invalid address {:?}", l.ip))?;
-        let prompt_fp = hex("prompt_fp", &l.prompt_fp)?;
-        let prompt_simhash = hex("prompt_simhash", &l.prompt_simhash)?;
-        let template_fp = hex("template_fp", &l.template_fp)?;
         let base = text.as_ptr() as usize;
         let mut span = |s: &Cow<'_, str>| -> Span {
             let (a, len) = match s {
@@ -577,17 +576,17 @@ impl Batch {
             };
             (a, a + len)
         };
-        Ok(OwnedParts {
+        Ok(OwnedLine {
             ts_ms: l.ts_ms,
             api_key: span(&l.api_key),
             org: span(&l.org),
-            ip,
+            ip: span(&l.ip),
             input_tokens: l.input_tokens,
             output_tokens: l.output_tokens,
             model: l.model.as_ref().map(&mut span),
-            prompt_fp,
-            prompt_simhash,
-            template_fp,
+            prompt_fp: l.prompt_fp.as_ref().map(&mut span),
+            prompt_simhash: l.prompt_simhash.as_ref().map(&mut span),
+            template_fp: l.template_fp.as_ref().map(&mut span),
             logprobs: l.logprobs,
         })
     }
@@ -601,19 +600,20 @@ impl Batch {
         }
     }
 
-    fn parts(&self, p: &OwnedParts) -> Parts<'_> {
-        Parts {
-            ts_ms: p.ts_ms,
-            api_key: self.str(p.api_key),
-            org: self.str(p.org),
-            ip: p.ip,
-            input_tokens: p.input_tokens,
-            output_tokens: p.output_tokens,
-            model: p.model.map(|m| self.str(m)),
-            prompt_fp: p.prompt_fp,
-            prompt_simhash: p.prompt_simhash,
-            template_fp: p.template_fp,
-            logprobs: p.logprobs,
+    fn line_at(&self, l: &OwnedLine) -> Line<'_> {
+        let cow = |span| Cow::Borrowed(self.str(span));
+        Line {
+            ts_ms: l.ts_ms,
+            api_key: cow(l.api_key),
+            org: cow(l.org),
+            ip: cow(l.ip),
+            input_tokens: l.input_tokens,
+            output_tokens: l.output_tokens,
+            model: l.model.map(cow),
+            prompt_fp: l.prompt_fp.map(cow),
+            prompt_simhash: l.prompt_simhash.map(cow),
+            template_fp: l.template_fp.map(cow),
+            logprobs: l.logprobs,
         }
     }
 
