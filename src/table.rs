@@ -166,10 +166,26 @@ impl Entry {
         }
     }
 
-    /// A copy laid out for `set`, keeping the state of limits that did not change.
-    fn migrate(&self, set: Arc<LimitSet>) -> Entry {
+    /// This entry laid out as `fresh` (made for the same subject under a newer policy),
+    /// keeping the state of limits that did not change and the behavioural state.
+    ///
+    /// Behavioural state starts when the new policy switches the layer on and is dropped when
+    /// it switches it off. A change to the policy's exemption of this subject applies; a
+    /// swap that leaves it alone keeps an exemption the host set at runtime.
+    fn migrate(&self, fresh: Entry, now: u64) -> Entry {
+        let Entry { set, behavior, .. } = fresh;
         let carry = set.carry_from(&self.set);
-        let behavior = self.behavior.as_ref().map(|b| Box::new(b.clone_state()));
+        let behavior = match (&self.behavior, behavior) {
+            (Some(old), Some(_)) => {
+                let b = old.clone_state();
+                if set.exempt != self.set.exempt {
+                    b.with(now, |s| s.set_exempt(set.exempt));
+                }
+                Some(Box::new(b))
+            }
+            (None, started) => started,
+            (Some(_), None) => None,
+        };
         let e = Entry::new(set, self.last_seen.load(Ordering::Relaxed), behavior);
         let old = self.cells();
         for (c, from) in e.cells().iter().zip(carry) {
@@ -285,7 +301,7 @@ impl<K: Eq + Hash + Copy, S: BuildHasher + Clone> Table<K, S> {
                 return Slot::Mapped(r);
             }
             drop(r);
-            if let Some(slot) = self.migrate(key, &make, policy) {
+            if let Some(slot) = self.migrate(key, now, &make, policy) {
                 return slot;
             }
         }
@@ -324,14 +340,14 @@ impl<K: Eq + Hash + Copy, S: BuildHasher + Clone> Table<K, S> {
     fn migrate(
         &self,
         key: K,
+        now: u64,
         make: &impl Fn(&Compiled) -> Entry,
         policy: &ArcSwap<Compiled>,
     ) -> Option<Slot<'_, K>> {
         let mut r = self.map.get_mut(&key)?;
         let pol = policy.load();
         if r.set.generation < pol.generation {
-            let fresh = make(&pol);
-            *r = r.migrate(fresh.set.clone());
+            *r = r.migrate(make(&pol), now);
         }
         Some(Slot::Mapped(r.downgrade()))
     }

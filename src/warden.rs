@@ -676,6 +676,13 @@ impl Warden {
     ///
     /// Permits issued before the swap settle into the migrated state.
     ///
+    /// Behavioural state carries over. A subject seen while the layer was off starts its
+    /// behavioural state on its first check after a policy that switches the layer on;
+    /// switching the layer off frees each subject's state on its next check. A change to an
+    /// override's `exempt_behavior` applies to the subject on its next check; a swap that
+    /// leaves it alone keeps an exemption the host set with
+    /// [`set_exempt`](Self::set_exempt).
+    ///
     /// # Errors
     ///
     /// A [`ConfigError`] naming the first invalid field; the old policy stays in force.

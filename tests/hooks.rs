@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use ratewarden::{
-    ControlError, Decision, EscalationEvent, Level, ManualClock, Policy, Request, SubjectId,
-    SubjectKind, Warden,
+    ControlError, Decision, EscalationEvent, Level, ManualClock, Override, Policy, Request,
+    SubjectId, SubjectKind, Warden,
 };
 
 type HookFn = Box<dyn Fn(&EscalationEvent) + Send + Sync>;
@@ -250,4 +250,59 @@ fn the_anonymous_key_of_a_cluster_is_controlled_by_its_event_name() {
     // A real key with that name is another subject.
     let spoof = Request::new("anon:203.0.113.0/24", "", "198.51.100.1".parse().unwrap());
     assert!(w.check(&spoof).is_allowed());
+}
+
+/// Whether `key` is tracked with behavioural state, and exempt, after one more request.
+fn touch_and_inspect(w: &Warden, key: &str) -> Option<bool> {
+    let _ = w.check(&Request::new(key, "org-1", ip("198.51.100.7")));
+    w.inspect(&SubjectId::api_key(key)).map(|r| r.exempt)
+}
+
+fn exempt_override(key: &str) -> Override {
+    Override {
+        kind: SubjectKind::ApiKey,
+        id: key.into(),
+        limits: Default::default(),
+        exempt_behavior: true,
+    }
+}
+
+#[test]
+fn policy_exemptions_reach_subjects_already_tracked() {
+    let (w, _clock) = warden(Policy::llm_api());
+    assert_eq!(touch_and_inspect(&w, "sk-batch"), Some(false));
+    assert_eq!(touch_and_inspect(&w, "sk-host"), Some(false));
+    w.set_exempt(&SubjectId::api_key("sk-host"), true).unwrap();
+    // The policy exempts sk-batch: it applies on the subject's next request.
+    let mut p = Policy::llm_api();
+    p.overrides.push(exempt_override("sk-batch"));
+    w.set_policy(p.clone()).unwrap();
+    assert_eq!(touch_and_inspect(&w, "sk-batch"), Some(true));
+    // A swap that leaves a subject's policy exemption alone keeps the host's exemption.
+    assert_eq!(touch_and_inspect(&w, "sk-host"), Some(true));
+    p.org.clear();
+    w.set_policy(p).unwrap();
+    assert_eq!(touch_and_inspect(&w, "sk-batch"), Some(true));
+    assert_eq!(touch_and_inspect(&w, "sk-host"), Some(true));
+    // The policy drops the exemption.
+    w.set_policy(Policy::llm_api()).unwrap();
+    assert_eq!(touch_and_inspect(&w, "sk-batch"), Some(false));
+    assert_eq!(touch_and_inspect(&w, "sk-host"), Some(true));
+}
+
+#[test]
+fn switching_behaviour_on_at_runtime_tracks_subjects_already_seen() {
+    let mut off = Policy::llm_api();
+    off.behavior.enabled = false;
+    let (w, _clock) = warden(off.clone());
+    let _ = w.check(&Request::new("sk-early", "org-1", ip("198.51.100.7")));
+    w.set_policy(Policy::llm_api()).unwrap();
+    assert_eq!(touch_and_inspect(&w, "sk-early"), Some(false));
+    assert_eq!(touch_and_inspect(&w, "sk-late"), Some(false));
+    // And off again: the state goes, checks go on.
+    w.set_policy(off).unwrap();
+    assert!(w
+        .check(&Request::new("sk-early", "org-1", ip("198.51.100.7")))
+        .is_allowed());
+    assert!(w.inspect(&SubjectId::api_key("sk-early")).is_none());
 }
