@@ -178,7 +178,9 @@ impl Warden {
     /// Exempts a subject (a contracted batch customer) from behavioural enforcement, or
     /// ends the exemption. Signals are still kept and reported; classic limits still apply.
     /// Exemptions that should survive restarts belong in the policy (`overrides` with
-    /// `exempt_behavior = true`).
+    /// `exempt_behavior = true`). A [`set_policy`](Warden::set_policy) that changes this
+    /// subject's `exempt_behavior` overrides what was set here; one that leaves it alone
+    /// keeps it.
     ///
     /// # Errors
     ///

@@ -299,10 +299,15 @@ fn switching_behaviour_on_at_runtime_tracks_subjects_already_seen() {
     w.set_policy(Policy::llm_api()).unwrap();
     assert_eq!(touch_and_inspect(&w, "sk-early"), Some(false));
     assert_eq!(touch_and_inspect(&w, "sk-late"), Some(false));
-    // And off again: the state goes, checks go on.
+    // Off again: checks go on and the state is freed (the host's exemption with it), so the
+    // layer switched back on starts afresh.
+    w.set_exempt(&SubjectId::api_key("sk-early"), true).unwrap();
+    assert_eq!(touch_and_inspect(&w, "sk-early"), Some(true));
     w.set_policy(off).unwrap();
     assert!(w
         .check(&Request::new("sk-early", "org-1", ip("198.51.100.7")))
         .is_allowed());
     assert!(w.inspect(&SubjectId::api_key("sk-early")).is_none());
+    w.set_policy(Policy::llm_api()).unwrap();
+    assert_eq!(touch_and_inspect(&w, "sk-early"), Some(false));
 }

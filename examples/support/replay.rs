@@ -392,7 +392,10 @@ impl<'w> Replayer<'w> {
                         out.clear();
                     }
                 }
-                spare.push(batch.into_chunk());
+                let mut chunk = batch.into_chunk();
+                // A line longer than a block grew this buffer: give the excess back.
+                chunk.raw.shrink_to(2 * BLOCK);
+                spare.push(chunk);
             }
             drop(raw_tx);
             Ok(())
@@ -461,8 +464,10 @@ impl<'w> Replayer<'w> {
     }
 }
 
-/// Bytes read per batch of the pipelined replay (about 900 trace lines).
-pub const BLOCK: usize = 256 * 1024;
+/// Bytes read per batch of the pipelined replay (about 230 trace lines). At most four
+/// batches are alive at once; the worst case is a block of blank lines, 65,536 items of
+/// 176 bytes plus an error message each, about 17 MB per batch.
+pub const BLOCK: usize = 64 * 1024;
 
 /// Appends about [`BLOCK`] bytes of `input` to `raw`, cut after the last newline; the rest
 /// goes to `carry`, the start of the next block. A line longer than a block is read whole.
@@ -553,7 +558,8 @@ impl Batch {
         let mut from = 0;
         for &end in &b.ends {
             let line = &b.text[from..end - 1];
-            let line = line.strip_suffix('\r').unwrap_or(line);
+            // As `run_serial`, which trims every trailing `\r` and `\n`.
+            let line = line.trim_end_matches('\r');
             from = end;
             let item = Batch::line(line, &b.text, &mut b.extra);
             b.items.push(item);
@@ -565,16 +571,22 @@ impl Batch {
         let l = serde_json::from_str::<Line<'_>>(line).map_err(|e| e.to_string())?;
         let base = text.as_ptr() as usize;
         let mut span = |s: &Cow<'_, str>| -> Span {
-            let (a, len) = match s {
-                // Borrowed strings are slices of `line`, itself a slice of `text`.
-                Cow::Borrowed(b) => (b.as_ptr() as usize - base, b.len()),
-                Cow::Owned(o) => {
-                    let a = text.len() + extra.len();
-                    extra.push_str(o);
-                    (a, o.len())
-                }
+            // Borrowed strings are slices of `line`, itself a slice of `text`; anything else
+            // (an escaped string, or a borrow from elsewhere) is copied to `extra`.
+            let inside = |b: &str| {
+                let at = (b.as_ptr() as usize).wrapping_sub(base);
+                (at <= text.len() && b.len() <= text.len() - at).then_some(at)
             };
-            (a, a + len)
+            let a = match s {
+                Cow::Borrowed(b) => inside(b),
+                Cow::Owned(_) => None,
+            }
+            .unwrap_or_else(|| {
+                let a = text.len() + extra.len();
+                extra.push_str(s);
+                a
+            });
+            (a, a + s.len())
         };
         Ok(OwnedLine {
             ts_ms: l.ts_ms,
