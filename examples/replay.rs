@@ -2,7 +2,11 @@
 //!
 //! ```text
 //! cargo run --release --example replay -- [--policy FILE] [--limits-only] [--shadow] \
-//!     [--expected-output N] [--serial] [--seed N] [--quiet] < trace.jsonl > decisions.jsonl
+//!     [--expected-output N] [--serial] [--seed N] [--quiet] [--explain SUBJECT].. < trace.jsonl > decisions.jsonl
+//!
+//! `--explain SUBJECT` (repeatable; `api_key:<key>`, `org:<org>` or
+//! `ip_cluster:<network>/<prefix>`) prints, after the summary, one JSON line per subject on
+//! stderr: its level, score and the evidence it is scored on at the end of the trace.
 //!
 //! `--seed N` fixes the warden's hashing seed, so that runs with the behavioural layer on
 //! give the same decisions (by default the seed is random, and runs may differ by a decision
@@ -23,7 +27,7 @@ use std::process::ExitCode;
 
 use ratewarden::{ManualClock, Policy, Warden};
 
-const USAGE: &str = "usage: replay [--policy FILE.toml|FILE.json] [--limits-only] [--shadow] [--expected-output N] [--serial] [--seed N] [--quiet] < trace.jsonl > decisions.jsonl";
+const USAGE: &str = "usage: replay [--policy FILE.toml|FILE.json] [--limits-only] [--shadow] [--expected-output N] [--serial] [--seed N] [--quiet] [--explain api_key:KEY|org:ORG|ip_cluster:NET/LEN].. < trace.jsonl > decisions.jsonl";
 
 fn run() -> Result<(), String> {
     let mut policy = None;
@@ -31,6 +35,7 @@ fn run() -> Result<(), String> {
     let mut shadow = false;
     let mut serial = false;
     let mut seed = None;
+    let mut explain: Vec<ratewarden::SubjectId> = Vec::new();
     let mut opts = replay::Options::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -47,6 +52,10 @@ fn run() -> Result<(), String> {
                 );
             }
             "--quiet" => opts.verbose_errors = false,
+            "--explain" => {
+                let text = args.next().ok_or("--explain needs a subject")?;
+                explain.push(text.parse().map_err(|e| format!("--explain: {e}"))?);
+            }
             "--expected-output" => {
                 opts.expected_output = args
                     .next()
@@ -97,6 +106,9 @@ fn run() -> Result<(), String> {
     }
     .map_err(|e| format!("i/o: {e}"))?;
     eprintln!("{summary}");
+    for line in replay::explain(&warden, &explain) {
+        eprintln!("{line}");
+    }
     Ok(())
 }
 

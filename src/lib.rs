@@ -30,7 +30,7 @@ pub use hooks::{EscalationEvent, EscalationHook, EventQueue, NoopHook, Reason};
 pub use policy::{ClusterConfig, ConfigError, LimitConfig, Override, Period, Policy, TableConfig};
 pub use request::Request;
 pub use stats::WardenStats;
-pub use subject::{IpCluster, SubjectId, SubjectKind};
+pub use subject::{IpCluster, ParseSubjectError, SubjectId, SubjectKind};
 #[cfg(feature = "tower")]
 pub use tower::{
     InvalidCidr, OrgId, PeerAddr, PromptFeatures, Usage, WardenBody, WardenFuture, WardenLayer,

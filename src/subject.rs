@@ -205,6 +205,49 @@ impl fmt::Display for SubjectId {
     }
 }
 
+/// The text is not `kind:id` with a known kind and a non-empty id (see
+/// [`SubjectId`]'s `FromStr`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a subject: write api_key:<key>, org:<org> or ip_cluster:<network>/<prefix>")]
+pub struct ParseSubjectError(String);
+
+/// Parses the `kind:id` form that [`Display`](fmt::Display) writes (and escalation events
+/// carry): `api_key:sk-…`, `org:org-acme`, `ip_cluster:198.51.100.0/24`. A cluster's network
+/// is checked when the id is used ([`ControlError::BadCluster`](crate::ControlError)).
+///
+/// # Examples
+///
+/// ```
+/// use ratewarden::{SubjectId, SubjectKind};
+/// let s: SubjectId = "ip_cluster:2001:db8::/48".parse().unwrap();
+/// assert_eq!((s.kind, s.id.as_str()), (SubjectKind::IpCluster, "2001:db8::/48"));
+/// assert_eq!(s.to_string().parse::<SubjectId>().unwrap(), s);
+/// assert!("user:alice".parse::<SubjectId>().is_err());
+/// ```
+impl std::str::FromStr for SubjectId {
+    type Err = ParseSubjectError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ParseSubjectError(s.to_string());
+        let (kind, id) = s.split_once(':').ok_or_else(bad)?;
+        let kind = [
+            SubjectKind::ApiKey,
+            SubjectKind::Org,
+            SubjectKind::IpCluster,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == kind)
+        .ok_or_else(bad)?;
+        if id.is_empty() {
+            return Err(bad());
+        }
+        Ok(Self {
+            kind,
+            id: id.to_string(),
+        })
+    }
+}
+
 /// Parses `a.b.c.d/len` or `v6::/len` into a cluster with that exact prefix.
 pub(crate) fn parse_cidr(s: &str) -> Option<IpCluster> {
     let (addr, len) = s.split_once('/')?;
@@ -222,6 +265,31 @@ pub(crate) fn parse_cidr(s: &str) -> Option<IpCluster> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subject_ids_parse_what_they_display() {
+        let cluster = IpCluster::new("203.0.113.9".parse().unwrap(), 24, 48);
+        for s in [
+            SubjectId::api_key("sk-proj-a:b"),
+            SubjectId::org("org-acme"),
+            SubjectId::ip_cluster(cluster),
+            SubjectId::ip_cluster(IpCluster::new("2001:db8::1".parse().unwrap(), 24, 48)),
+        ] {
+            assert_eq!(s.to_string().parse::<SubjectId>(), Ok(s.clone()), "{s}");
+        }
+        for bad in [
+            "",
+            "sk-1",
+            ":x",
+            "api_key:",
+            "key:sk-1",
+            "API_KEY:sk-1",
+            "org",
+        ] {
+            let e = bad.parse::<SubjectId>().unwrap_err();
+            assert!(e.to_string().contains(&format!("`{bad}`")), "{e}");
+        }
+    }
 
     #[test]
     fn v4_and_mapped_are_the_same_cluster() {

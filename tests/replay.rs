@@ -242,3 +242,60 @@ fn a_fixed_seed_makes_replays_with_behaviour_repeatable() {
     );
     assert!(a == b, "same seed, different decisions");
 }
+
+#[test]
+fn explain_reports_subjects_at_the_end_of_a_replay() {
+    let (trace, truth) = simulate(7, 10);
+    // The first attack key and its org, an unknown key, and a bad cluster id written validly.
+    let (mut key, mut org) = (String::new(), String::new());
+    for (line, label) in trace.lines().zip(truth.lines()) {
+        if label.contains("\"role\":\"attack\"") {
+            let l: replay::Line<'_> = serde_json::from_str(line).unwrap();
+            (key, org) = (l.api_key.to_string(), l.org.to_string());
+            break;
+        }
+    }
+    let subjects: Vec<ratewarden::SubjectId> = [
+        format!("api_key:{key}"),
+        format!("org:{org}"),
+        "api_key:never-seen".to_string(),
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
+    for behaviour in [true, false] {
+        let mut p = Policy::llm_api();
+        p.behavior.enabled = behaviour;
+        let (w, clock) = replay::replay_warden(p, Some(7));
+        let mut r = replay::Replayer::new(&w, clock, replay::Options::quiet());
+        r.run(trace.as_bytes(), std::io::sink()).unwrap();
+        let lines = replay::explain(&w, &subjects);
+        assert_eq!(lines.len(), 3);
+        let v: Vec<serde_json::Value> = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        for (got, want) in v.iter().zip(&subjects) {
+            assert_eq!(got["subject"]["id"], want.id.as_str(), "{got}");
+        }
+        if behaviour {
+            assert!(
+                v[0]["level"].is_string() && v[0]["reasons"].is_array(),
+                "{}",
+                v[0]
+            );
+            assert!(
+                !v[0]["reasons"].as_array().unwrap().is_empty(),
+                "an attack key has evidence: {}",
+                v[0]
+            );
+            assert!(v[1]["score"].is_number(), "{}", v[1]);
+            assert_eq!(v[2]["tracked"], false);
+            assert_eq!(v[2]["why"], "not seen, or evicted");
+        } else {
+            for x in &v {
+                assert_eq!(x["why"], "the behavioural layer is off", "{x}");
+            }
+        }
+    }
+}

@@ -11,7 +11,7 @@ use std::io::{BufRead, Write};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use ratewarden::{Decision, Level, ManualClock, Policy, Request, Warden};
+use ratewarden::{Decision, Level, ManualClock, Policy, Request, SubjectId, Warden};
 use serde::Deserialize;
 
 /// A trace line as parsed for replay: borrowed strings, hex features as text.
@@ -677,6 +677,30 @@ pub fn replay_warden(policy: Policy, seed: Option<u64>) -> (Warden, ManualClock)
         builder = builder.seed(s);
     }
     (builder.build().expect("valid policy"), clock)
+}
+
+/// One JSON line per subject for `replay --explain`: the subject's behavioural report at
+/// the end of the replay (`Warden::inspect`: level, score and the evidence it is scored on),
+/// or why there is none.
+pub fn explain(w: &Warden, subjects: &[SubjectId]) -> Vec<String> {
+    subjects
+        .iter()
+        .map(|s| match w.inspect(s) {
+            Some(report) => serde_json::to_string(&report).expect("a report serialises"),
+            None => serde_json::json!({
+                "subject": s,
+                "tracked": false,
+                "why": if !w.policy().behavior.enabled {
+                    "the behavioural layer is off"
+                } else if s.kind == ratewarden::SubjectKind::IpCluster {
+                    "not seen, evicted, or not a network at the policy's prefix length"
+                } else {
+                    "not seen, or evicted"
+                },
+            })
+            .to_string(),
+        })
+        .collect()
 }
 
 /// Appends one decision line in the `TRACE_FORMAT.md` decision format.
