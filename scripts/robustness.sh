@@ -28,6 +28,13 @@ variants=(
     "all actors doubled|--scale 2"
     "E4 at 1 request/min|--rate E4=1"
     "E4 with 400 actors|--actors E4=400"
+    # Benign stress: more of the hard negatives, and benign actors closer to their limits.
+    "batch classifiers x5|--actors B2=30"
+    "20 batch classifiers, 1 org|--actors B2=20 --groups B2=1"
+    "enterprise keys x3|--actors B3=120"
+    "enterprise keys at 55/min|--rate B3=55"
+    "CI bots x10|--actors B5=60"
+    "NAT accounts x3|--actors B4=1800"
 )
 
 run() { # what, command...: runs it, and on failure says which run and shows its errors
