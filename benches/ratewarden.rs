@@ -3,6 +3,8 @@
 //! The criterion suite: one entry, a group per concern, governor side by side where the two
 //! are comparable. See `benches/README.md` for how to run it and the latest numbers.
 
+#[path = "../examples/support/decimal.rs"]
+mod decimal;
 #[path = "../examples/support/eval.rs"]
 mod eval;
 #[path = "../examples/support/replay.rs"]

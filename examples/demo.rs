@@ -6,6 +6,8 @@
 //! cargo run --release --example demo [-- --seed N --minutes M]
 //! ```
 
+#[path = "support/decimal.rs"]
+mod decimal;
 #[path = "support/eval.rs"]
 mod eval;
 #[path = "support/pipeline.rs"]

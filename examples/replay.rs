@@ -19,6 +19,8 @@
 //! The summary (requests, allowed, denied by reason, decisions by level, malformed lines,
 //! throughput) goes to stderr.
 
+#[path = "support/decimal.rs"]
+mod decimal;
 #[path = "support/replay.rs"]
 mod replay;
 

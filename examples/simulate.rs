@@ -6,6 +6,8 @@
 //! ```
 //! Run with `--help` for every flag, `--list` for the scenarios and their defaults.
 
+#[path = "support/decimal.rs"]
+mod decimal;
 #[path = "support/sim.rs"]
 mod sim;
 

@@ -12,6 +12,8 @@
 //! `demo` example; a few seconds in the test profile. Run
 //! `cargo test --test detection -- --nocapture` to see the tables.
 
+#[path = "../examples/support/decimal.rs"]
+mod decimal;
 #[path = "../examples/support/eval.rs"]
 mod eval;
 #[path = "../examples/support/pipeline.rs"]

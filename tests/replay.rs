@@ -1,6 +1,8 @@
 //! Replay and simulate: round trip, malformed and out-of-order lines, one decision per line,
 //! determinism.
 
+#[path = "../examples/support/decimal.rs"]
+mod decimal;
 #[path = "../examples/support/eval.rs"]
 mod eval;
 #[path = "../examples/support/pipeline.rs"]

@@ -6,6 +6,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+use super::decimal::push_u64;
+
 use std::borrow::Cow;
 use std::io::{BufRead, Write};
 use std::net::IpAddr;
@@ -730,23 +732,6 @@ pub fn write_decision(out: &mut String, i: u64, o: &Outcome) {
         None => out.push_str("null"),
     }
     out.push_str("}\n");
-}
-
-/// `v` in decimal, without the formatting machinery.
-fn push_u64(out: &mut String, mut v: u64) {
-    let mut buf = [0_u8; 20];
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    for &d in &buf[at..] {
-        out.push(char::from(d));
-    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+use super::decimal::push_u64;
+
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
@@ -612,22 +614,6 @@ struct TraceView<'a> {
     prompt_simhash: Option<u64>,
     template_fp: Option<u64>,
     logprobs: bool,
-}
-
-fn push_u64(buf: &mut String, mut v: u64) {
-    let mut tmp = [0u8; 20];
-    let mut i = tmp.len();
-    loop {
-        i -= 1;
-        tmp[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    for &b in &tmp[i..] {
-        buf.push(char::from(b));
-    }
 }
 
 fn push_hex16(buf: &mut String, v: u64) {
