@@ -185,3 +185,77 @@ fn stats_are_exact_with_more_threads_than_owned_stripes() {
     // The shared key admitted exactly its burst over the three rounds (clock frozen).
     assert_eq!(st.denied_rate, 3 * 20 * 50 - 100);
 }
+
+#[test]
+fn behaviour_layer_under_threads_and_host_controls_counts_every_check() {
+    // Threads with their own keys share two orgs and two /24s, so every check locks its key,
+    // org and cluster states together, while another thread sets and clears levels, exempts
+    // subjects, inspects and runs maintenance. Nothing may deadlock, and every check is
+    // counted exactly once.
+    let mut p = ratewarden::Policy::llm_api();
+    p.behavior.enabled = true;
+    let (w, _clock) = warden(p);
+    const CHECKS: usize = 300;
+    let barrier = Barrier::new(THREADS + 1);
+    let served = AtomicU64::new(0);
+    let refused = AtomicU64::new(0);
+    let org: ratewarden::SubjectId = "org:o1".parse().unwrap();
+    let cluster: ratewarden::SubjectId = "ip_cluster:10.0.1.0/24".parse().unwrap();
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (barrier, served, refused, w) = (&barrier, &served, &refused, &w);
+            s.spawn(move || {
+                barrier.wait();
+                for j in 0..CHECKS {
+                    let key = format!("sk-{t}-{}", j % 7);
+                    let org = if j % 2 == 0 { "o1" } else { "o2" };
+                    let addr = ip(if t % 2 == 0 { "10.0.1.9" } else { "10.0.2.9" });
+                    let req = Request::new(&key, org, addr)
+                        .input_tokens(100)
+                        .expected_output_tokens(200)
+                        .prompt_fp(j as u64)
+                        .prompt_simhash((j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                        .template_fp(t as u64);
+                    match w.check(&req) {
+                        Decision::Allow(permit) => {
+                            served.fetch_add(1, Ordering::Relaxed);
+                            permit.settle(150);
+                        }
+                        Decision::Deny(_) => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+        }
+        let (barrier, w, org, cluster) = (&barrier, &w, &org, &cluster);
+        s.spawn(move || {
+            barrier.wait();
+            for i in 0..200 {
+                let level = if i % 2 == 0 {
+                    ratewarden::Level::Block
+                } else {
+                    ratewarden::Level::Watch
+                };
+                let _ = w.set_level(org, level, None);
+                let _ = w.set_exempt(cluster, i % 3 == 0);
+                let _ = w.inspect(org);
+                if i % 10 == 0 {
+                    w.maintain();
+                }
+                let _ = w.clear_level(org);
+            }
+        });
+    });
+    let total = (THREADS * CHECKS) as u64;
+    assert_eq!(
+        served.load(Ordering::Relaxed) + refused.load(Ordering::Relaxed),
+        total
+    );
+    let st = w.stats();
+    assert_eq!(st.allowed, served.load(Ordering::Relaxed));
+    assert_eq!(
+        st.denied_rate + st.denied_tokens + st.denied_concurrency + st.denied_behavior,
+        refused.load(Ordering::Relaxed)
+    );
+}
