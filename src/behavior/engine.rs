@@ -215,35 +215,24 @@ impl Engine {
         let p = &rt.params;
         let mut pending = Pending::default();
         let mut key_levels = None;
-        // All the subjects' locks first (always key, org, cluster: the one order in which
-        // any code holds more than one slot lock), then one word from every cache line of
-        // each state, back to back. At 100,000 live keys none of the states is in cache, and
-        // their misses then overlap instead of arriving one subject after another: a lock is
-        // a full barrier, so taking the next one would wait for the previous state's lines.
-        let slots = subjects.map(|e| e.and_then(|e| e.behavior.as_deref()));
-        let mut guards = slots.map(|b| b.map(|b| b.state.lock()));
-        let mut touched = 0;
-        for s in guards.iter().flatten() {
-            touched ^= s.touch();
-        }
-        std::hint::black_box(touched);
         // The first tracked subject (the key, unless keys are not tracked) files the request
         // in the cross index under its family (a band of its SimHash centroid, or its
-        // template), at its mean output, before the next subject is evaluated.
+        // template), at its mean output, once its lock is released.
         let mut filed = false;
-        for (i, (b, s)) in slots.iter().zip(guards.iter_mut()).enumerate() {
-            let (Some(b), Some(s)) = (b, s) else {
+        for (i, e) in subjects.iter().enumerate() {
+            let Some(b) = e.and_then(|e| e.behavior.as_deref()) else {
                 continue;
             };
             obs.pressure = pressure[i];
-            if let Some((rep, enf)) = key_levels {
-                s.child_escalated(hashes[0], rep, enf, now, p);
-            }
-            s.observe(&obs, p);
-            let file = (!filed).then(|| (s.family_of(&obs), s.mean_output()));
-            let change = s.evaluate(now, p, &rt.cross);
-            let levels = (s.reported_level(now), s.level(now));
-            b.store(s, now);
+            let (change, levels, file) = b.with(now, |s| {
+                if let Some((rep, enf)) = key_levels {
+                    s.child_escalated(hashes[0], rep, enf, now, p);
+                }
+                s.observe(&obs, p);
+                let file = (!filed).then(|| (s.family_of(&obs), s.mean_output()));
+                let t = s.evaluate(now, p, &rt.cross);
+                (t, (s.reported_level(now), s.level(now)), file)
+            });
             if let Some((family, output)) = file {
                 filed = true;
                 if let Some(family) = family {
@@ -255,7 +244,6 @@ impl Engine {
             }
             pending.changes[i] = change;
         }
-        drop(guards);
         pending
     }
 

@@ -431,17 +431,18 @@ impl SubjectBehavior {
     /// throttle escalate itself.
     #[inline]
     pub(crate) fn observe(&mut self, obs: &Observation, p: &BehaviorParams) {
+        std::hint::black_box(self.touch());
         let restrained = self.escalation.level(obs.now_ns) >= Level::Throttle;
         self.signals.observe(obs, !restrained, p);
     }
 
     /// Reads one word from every cache line of the state, back to back, and returns them
-    /// folded. The warden calls it before `observe`: at 100,000 live keys the state is not in
-    /// cache, and loads issued together overlap their misses, where `observe` alone would
-    /// reach each line after the previous one arrived (its code between them is longer than
-    /// the CPU looks ahead).
+    /// folded. `observe` calls it first: at 100,000 live keys the state is not in cache, and
+    /// loads issued together overlap their misses, where `observe` alone would reach each line
+    /// after the previous one arrived (its code between them is longer than the CPU looks
+    /// ahead).
     #[inline(always)]
-    pub(crate) fn touch(&self) -> u64 {
+    fn touch(&self) -> u64 {
         let mut x = 0;
         self.hot_words(|_, w| x ^= w);
         x
