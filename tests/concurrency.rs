@@ -188,10 +188,10 @@ fn stats_are_exact_with_more_threads_than_owned_stripes() {
 
 #[test]
 fn behaviour_layer_under_threads_and_host_controls_counts_every_check() {
-    // Threads with their own keys share two orgs and two /24s, so every check locks its key,
-    // org and cluster states together, while another thread sets and clears levels, exempts
-    // subjects, inspects and runs maintenance. Nothing may deadlock, and every check is
-    // counted exactly once.
+    // Threads with their own keys share two orgs and two /24s, so checks contend on the org
+    // and cluster states, while another thread sets and clears levels, exempts subjects,
+    // inspects and runs maintenance. Nothing may deadlock, and every check is counted exactly
+    // once.
     let mut p = ratewarden::Policy::llm_api();
     p.behavior.enabled = true;
     let (w, _clock) = warden(p);

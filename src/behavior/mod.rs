@@ -431,35 +431,8 @@ impl SubjectBehavior {
     /// throttle escalate itself.
     #[inline]
     pub(crate) fn observe(&mut self, obs: &Observation, p: &BehaviorParams) {
-        std::hint::black_box(self.touch());
         let restrained = self.escalation.level(obs.now_ns) >= Level::Throttle;
         self.signals.observe(obs, !restrained, p);
-    }
-
-    /// Reads one word from every cache line of the state, back to back, and returns them
-    /// folded. `observe` calls it first: at 100,000 live keys the state is not in cache, and
-    /// loads issued together overlap their misses, where `observe` alone would reach each line
-    /// after the previous one arrived (its code between them is longer than the CPU looks
-    /// ahead).
-    #[inline(always)]
-    fn touch(&self) -> u64 {
-        let mut x = 0;
-        self.hot_words(|_, w| x ^= w);
-        x
-    }
-
-    /// The words that `touch` reads: address and value.
-    #[inline(always)]
-    fn hot_words(&self, mut f: impl FnMut(*const u8, u64)) {
-        f(
-            std::ptr::from_ref(&self.last_eval_ns).cast(),
-            self.last_eval_ns,
-        );
-        f(
-            std::ptr::from_ref(&self.escalation.enforced).cast(),
-            self.escalation.enforced.level() as u64,
-        );
-        self.signals.hot_words(f);
     }
 
     /// Records the actual output tokens of a finished response.

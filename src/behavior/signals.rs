@@ -524,32 +524,6 @@ impl Signals {
         self.near *= f;
     }
 
-    /// Hands `f` the address and value of one word from every part of the state, so that
-    /// reading them all touches every cache line the state spans (a test checks the coverage
-    /// at every allocation alignment). `SubjectBehavior::touch` uses it.
-    #[inline(always)]
-    pub(crate) fn hot_words(&self, mut f: impl FnMut(*const u8, u64)) {
-        fn at<T>(r: &T) -> *const u8 {
-            std::ptr::from_ref(r).cast()
-        }
-        f(at(&self.fold_ns), self.fold_ns);
-        f(at(&self.top_template), self.top_template);
-        f(at(&self.cen[1]), self.cen[1]);
-        f(at(&self.recent[0]), self.recent[0]);
-        f(at(&self.recent[3]), self.recent[3]);
-        f(at(&self.recent[RECENT - 1]), self.recent[RECENT - 1]);
-        f(at(&self.reqs), u64::from(self.reqs.to_bits()));
-        f(at(&self.near), u64::from(self.near.to_bits()));
-        f(at(&self.breadth), u64::from(self.breadth.to_bits()));
-        f(at(&self.since_eval), u64::from(self.since_eval));
-        f(at(&self.prompts.cur.0[0]), self.prompts.cur.0[0]);
-        let last = &self.prompts.prev.0[PROMPT_WORDS - 1];
-        f(at(last), *last);
-        f(at(&self.templates.prev.0[0]), self.templates.prev.0[0]);
-        f(at(&self.peers.cur.0[0]), self.peers.cur.0[0]);
-        f(at(&self.peers.prev.0[1]), self.peers.prev.0[1]);
-    }
-
     /// Records one request. O(1), no allocation.
     #[inline]
     /// `pinned_counts: false` leaves the request out of the pinned share (see
