@@ -8,6 +8,7 @@ mod headers;
 mod hooks;
 mod limit;
 mod policy;
+mod prefetch;
 mod request;
 mod stats;
 mod subject;

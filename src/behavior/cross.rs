@@ -143,6 +143,9 @@ impl Bucket {
 /// else is locked and nothing allocates after construction.
 pub(crate) struct CrossIndex {
     shards: Box<[Mutex<Box<[Bucket]>>]>,
+    /// Address of each shard's first bucket, for [`CrossIndex::prefetch`] only (the buckets
+    /// never move: they are allocated once, in `new`).
+    bases: Box<[usize]>,
     shard_mask: u64,
     bucket_mask: u64,
     enabled: bool,
@@ -175,8 +178,13 @@ impl CrossIndex {
         let shard_vec: Vec<Mutex<Box<[Bucket]>>> = (0..shards)
             .map(|_| Mutex::new(vec![Bucket::EMPTY; per_shard].into_boxed_slice()))
             .collect();
+        let bases = shard_vec
+            .iter()
+            .map(|s| s.lock().as_ptr() as usize)
+            .collect();
         Self {
             shards: shard_vec.into_boxed_slice(),
+            bases,
             shard_mask: shards as u64 - 1,
             bucket_mask: per_shard as u64 - 1,
             enabled: cfg.enabled && p.policy().enabled,
@@ -221,6 +229,17 @@ impl CrossIndex {
         let shard = ((h >> 40) & self.shard_mask) as usize;
         let bucket = (h & self.bucket_mask) as usize;
         (shard, bucket)
+    }
+
+    /// Starts loading the tags of `family`'s bucket without waiting (see `crate::prefetch`),
+    /// for a look-up or a filing that follows shortly.
+    #[inline]
+    pub(crate) fn prefetch(&self, family: u64) {
+        if self.enabled {
+            let (shard, b) = self.locate(family);
+            let addr = self.bases[shard] + b * std::mem::size_of::<Bucket>();
+            crate::prefetch::prefetch(addr as *const u8, 64);
+        }
     }
 
     /// Records one request under `family` (see [`Observation::family_id`]), counting

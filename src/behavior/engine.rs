@@ -90,6 +90,13 @@ impl Slot {
         !self.state.lock().must_keep(now)
     }
 
+    /// Starts loading every cache line of the slot without waiting for them (see
+    /// `crate::prefetch`).
+    #[inline(always)]
+    pub(crate) fn prefetch(&self) {
+        crate::prefetch::prefetch_value(self);
+    }
+
     /// (enforced, reported) at `now`.
     #[inline]
     pub(crate) fn levels(&self, now: u64) -> (Level, Level) {
@@ -234,8 +241,17 @@ impl Engine {
                 if let Some((rep, enf)) = key_levels {
                     s.child_escalated(hashes[0], rep, enf, now, p);
                 }
+                // The family as the state stands before this request (nearly always the
+                // one it is filed under) lets the index's bucket load during `observe`.
+                let hint = if filed { None } else { s.family_of(&obs) };
+                if let Some(family) = hint {
+                    rt.cross.prefetch(family);
+                }
                 s.observe(&obs, p);
                 let file = (!filed).then(|| (s.family_of(&obs), s.mean_output()));
+                if let Some((Some(family), _)) = file.filter(|f| f.0 != hint) {
+                    rt.cross.prefetch(family);
+                }
                 let t = s.evaluate(now, p, &rt.cross);
                 (t, (s.reported_level(now), s.level(now)), file)
             });

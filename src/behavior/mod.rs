@@ -545,13 +545,23 @@ impl SubjectBehavior {
         {
             // Only the families the subject is mostly in can count: skip the others' look-ups.
             let min_share = t.min_subject_share as f32;
-            for &id in view.probe.ids() {
+            let counts = |id: u64| {
                 let share = if is_band(id) {
                     view.family_share
                 } else {
                     view.template_family_share
                 };
-                if share < min_share {
+                share >= min_share
+            };
+            // Ask for every bucket first, so their misses overlap instead of each waiting
+            // behind the previous look-up's shard lock.
+            for &id in view.probe.ids() {
+                if counts(id) {
+                    cross.prefetch(id);
+                }
+            }
+            for &id in view.probe.ids() {
+                if !counts(id) {
                     continue;
                 }
                 if let Some(s) = cross.stats(id, now_ns) {
