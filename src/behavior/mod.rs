@@ -671,7 +671,8 @@ impl SubjectBehavior {
     }
 
     /// The family this (key) subject files `obs` under in the cross index: see
-    /// [`Observation::family_id`]. Call after `observe`.
+    /// [`Observation::family_id`]. The family it is filed under is the one after `observe`;
+    /// called before, it gives the family as the state stood (the engine's prefetch hint).
     #[inline]
     pub(crate) fn family_of(&self, obs: &Observation) -> Option<u64> {
         obs.family_id(self.signals.centroid(), self.signals.by_template())
