@@ -251,9 +251,7 @@ impl Warden {
                 &self.policy,
             )
         });
-        if fast.behave {
-            prefetch_behavior(key_slot.as_deref());
-        }
+        prefetch_behavior(fast.behave, key_slot.as_deref());
         let org_slot = req.org.filter(|_| fast.active[1]).map(|o| {
             let id = self.namer.id(o);
             handles.set(1, id);
@@ -272,9 +270,7 @@ impl Warden {
                 &self.policy,
             )
         });
-        if fast.behave {
-            prefetch_behavior(org_slot.as_deref());
-        }
+        prefetch_behavior(fast.behave, org_slot.as_deref());
         let cl_slot = cluster.filter(|_| fast.active[2]).map(|c| {
             let bits = c.bits();
             let id = self.namer.cluster(bits);
@@ -287,9 +283,7 @@ impl Warden {
                 &self.policy,
             )
         });
-        if fast.behave {
-            prefetch_behavior(cl_slot.as_deref());
-        }
+        prefetch_behavior(fast.behave, cl_slot.as_deref());
         for (i, overflow) in [
             key_slot.as_ref().is_some_and(Slot::is_overflow),
             org_slot.as_ref().is_some_and(Slot::is_overflow),
@@ -924,11 +918,11 @@ fn pressures(subjects: &Subjects<'_>, now: u64) -> [f32; 3] {
     out
 }
 
-/// Starts loading a subject's behavioural slot as soon as its entry is found (see
-/// [`BehaviorSlot::prefetch`]).
+/// Starts loading a subject's behavioural slot as soon as its entry is found, when the layer
+/// is on (see [`BehaviorSlot::prefetch`]).
 #[inline(always)]
-fn prefetch_behavior(entry: Option<&Entry>) {
-    if let Some(b) = entry.and_then(|e| e.behavior.as_deref()) {
+fn prefetch_behavior(on: bool, entry: Option<&Entry>) {
+    if let Some(b) = entry.filter(|_| on).and_then(|e| e.behavior.as_deref()) {
         b.prefetch();
     }
 }

@@ -243,15 +243,11 @@ impl Engine {
                 }
                 // The family as the state stands before this request (nearly always the
                 // one it is filed under) lets the index's bucket load during `observe`.
-                let hint = if filed { None } else { s.family_of(&obs) };
-                if let Some(family) = hint {
+                if let Some(family) = (!filed).then(|| s.family_of(&obs)).flatten() {
                     rt.cross.prefetch(family);
                 }
                 s.observe(&obs, p);
                 let file = (!filed).then(|| (s.family_of(&obs), s.mean_output()));
-                if let Some((Some(family), _)) = file.filter(|f| f.0 != hint) {
-                    rt.cross.prefetch(family);
-                }
                 let t = s.evaluate(now, p, &rt.cross);
                 (t, (s.reported_level(now), s.level(now)), file)
             });

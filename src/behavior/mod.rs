@@ -545,25 +545,23 @@ impl SubjectBehavior {
         {
             // Only the families the subject is mostly in can count: skip the others' look-ups.
             let min_share = t.min_subject_share as f32;
-            let counts = |id: u64| {
+            // Pick them and ask for every bucket first, so that the misses overlap instead of
+            // each waiting behind the previous look-up's shard lock.
+            let mut wanted = [0_u64; BANDS + 1];
+            let mut n = 0;
+            for &id in view.probe.ids() {
                 let share = if is_band(id) {
                     view.family_share
                 } else {
                     view.template_family_share
                 };
-                share >= min_share
-            };
-            // Ask for every bucket first, so their misses overlap instead of each waiting
-            // behind the previous look-up's shard lock.
-            for &id in view.probe.ids() {
-                if counts(id) {
+                if share >= min_share {
                     cross.prefetch(id);
+                    wanted[n] = id;
+                    n += 1;
                 }
             }
-            for &id in view.probe.ids() {
-                if !counts(id) {
-                    continue;
-                }
+            for &id in &wanted[..n] {
                 if let Some(s) = cross.stats(id, now_ns) {
                     stats[found] = s;
                     found += 1;
