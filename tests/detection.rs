@@ -74,3 +74,92 @@ fn public_mix_meets_the_bars() {
 fn public_mix_meets_the_bars_other_seed() {
     check_bars(2);
 }
+
+/// The org context of `template_sweep`, end to end through a warden: the same service key
+/// (one template, every prompt new, ~780-token answers to ~330-token prompts, 34 requests a
+/// minute: output volume at about half strength) is throttled when the rest of its org does
+/// the same, and only watched when it is one service among many of an org whose traffic as a
+/// whole reads more than it writes. This fails if the org's published ratio does not reach
+/// its key (through the org slot's cached word), or if the key's sweep ignores it.
+#[test]
+fn a_service_key_of_a_diversified_org_is_watched_not_throttled() {
+    use ratewarden::{Decision, Level, ManualClock, Request, SubjectId, Warden};
+    use std::net::{IpAddr, Ipv4Addr};
+
+    let clock = ManualClock::new();
+    let w = Warden::builder()
+        .policy(Policy::llm_api())
+        .clock(clock.clone())
+        .seed(7)
+        .build()
+        .unwrap();
+    // (key, org, period ms, template, input, output, simhash base)
+    type Actor = (String, &'static str, u64, u64, u64, u64, u64);
+    let mut actors: Vec<Actor> = Vec::new();
+    let sweeper = |key: &str, org| (key.to_string(), org, 1_765, 0xA11CE, 330, 780, 0xF0F0_1234);
+    // Enterprise: the service key, and ten keys that read long documents for short answers.
+    actors.push(sweeper("svc-enterprise", "enterprise"));
+    for i in 0..10_u64 {
+        actors.push((
+            format!("quiet-{i}"),
+            "enterprise",
+            6_000 + 37 * i,
+            0xB0B0 + i,
+            1_200,
+            200,
+            // Each service its own family: SimHashes far apart.
+            (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        ));
+    }
+    // Campaign: the same service key, and three more keys sweeping the same template.
+    actors.push(sweeper("svc-campaign", "campaign"));
+    for i in 0..3 {
+        actors.push((
+            format!("sweep-{i}"),
+            "campaign",
+            1_765 + 13 * i,
+            0xA11CE,
+            330,
+            780,
+            0xF0F0_1234,
+        ));
+    }
+
+    let mut n = 0_u64;
+    let mut next: Vec<u64> = (0..actors.len() as u64).map(|a| 101 * a).collect();
+    for t in 0..15 * 60_000_u64 {
+        for (a, (key, org, period, template, input, output, sim)) in actors.iter().enumerate() {
+            if next[a] != t {
+                continue;
+            }
+            // Jittered gaps (half to one and a half periods): people and services are not
+            // machine-regular, so `regular_timing` stays out of it.
+            let jitter = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) % period;
+            next[a] += period / 2 + jitter;
+            clock.set_millis(t);
+            n += 1;
+            let ip = IpAddr::V4(Ipv4Addr::new(203, 0, (a / 4) as u8, 10 + a as u8));
+            let req = Request::new(key, org, ip)
+                .input_tokens(*input)
+                .expected_output_tokens(*output)
+                .prompt_fp(n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                .prompt_simhash(sim ^ (1 << (n % 5)))
+                .template_fp(*template);
+            if let Decision::Allow(p) = w.check(&req) {
+                p.settle(*output);
+            }
+        }
+    }
+    let level = |key: &str| w.inspect(&SubjectId::api_key(key)).unwrap().level;
+    assert!(
+        level("svc-campaign") >= Level::Throttle,
+        "the campaign's key: {:?}",
+        w.inspect(&SubjectId::api_key("svc-campaign"))
+    );
+    assert_eq!(
+        level("svc-enterprise"),
+        Level::Watch,
+        "the enterprise's key: {:?}",
+        w.inspect(&SubjectId::api_key("svc-enterprise"))
+    );
+}

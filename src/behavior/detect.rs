@@ -27,6 +27,11 @@
 //! requests. Concentration on a family feeds `template_sweep` and the group `output_volume`;
 //! the cross index links the subjects of one family (`template_spread`).
 //!
+//! A key's `template_sweep` is read against its org: it counts at `org_weight` when the org
+//! as a whole (two or more active keys) reads at least as many tokens as it writes, since one
+//! long-answer service among many of a customer's keys is not the org harvesting; the org
+//! publishes its ratio in its slot's cached word at each evaluation (see `engine.rs`).
+//!
 //! Pinned-at-limit evidence is not counted while the subject's own enforced level is
 //! `throttle` or higher (the pressure is then of the layer's own making), and a subject that
 //! keeps its throttle-strength score for `levels.promote_after_s` is challenged
@@ -288,6 +293,27 @@ fn breadth(v: &SignalView, min_t: f64, full_t: f64, min_r: f64, full_r: f64) -> 
     (ramp(r, min_r, full_r), r, full_r as f32)
 }
 
+/// How much an org, taken as a whole, looks like harvesting, in `[0, 1]`: the strongest of
+/// its traffic's concentration on one family (ramped as `template_sweep` ramps a subject's),
+/// its output/input token ratio (ramped from `org_min_ratio` to `org_full_ratio`) and its
+/// output per active key (ramped as `output_volume` ramps one key's, from
+/// `min_tokens_per_min` to `full_tokens_per_min`: its average key harvests). `None` while it has fewer
+/// than two active keys: a one-key org is its key. Its keys' sweeps count at `org_weight` at
+/// 0, in full at 1 (see `TemplateSweepPolicy::org_weight`).
+pub(crate) fn org_shape(v: &SignalView, p: &BehaviorParams) -> Option<f32> {
+    let d = &p.policy().detectors;
+    let (t, o) = (&d.template_sweep, &d.output_volume);
+    (v.peers >= 1.5).then(|| {
+        ramp(v.concentration, t.min_share, t.full_share)
+            .max(ramp(v.out_in_ratio, t.org_min_ratio, t.org_full_ratio))
+            .max(ramp(
+                v.out_per_min / v.peers,
+                o.min_tokens_per_min,
+                o.full_tokens_per_min,
+            ))
+    })
+}
+
 /// Runs every detector for one subject; `families` are the cross-index statistics of the
 /// subject's probe families (`SignalView::probe`) that the index holds.
 pub(crate) fn assess(
@@ -367,8 +393,18 @@ pub(crate) fn assess(
     if enough {
         if let Some(distinct) = v.distinct_ratio {
             let t = &d.template_sweep;
+            // A key of an org whose traffic as a whole is not shaped like harvesting counts
+            // its sweep at `org_weight` (see `TemplateSweepPolicy::org_weight`).
+            let org = match v.org_shape {
+                Some(h) if key => {
+                    let w = t.org_weight as f32;
+                    w + (1.0 - w) * h
+                }
+                _ => 1.0,
+            };
             let s = ramp(v.concentration, t.min_share, t.full_share)
-                * ramp(distinct, t.min_distinct, t.full_distinct);
+                * ramp(distinct, t.min_distinct, t.full_distinct)
+                * org;
             a.set(
                 DetectorId::TemplateSweep,
                 s,
@@ -586,6 +622,7 @@ mod tests {
             peers: 1.0,
             fresh_peers: 0.0,
             cv: Some(0.9),
+            org_shape: None,
             kids_enforced: 0.0,
             kids_reported: 0.0,
         }
@@ -627,6 +664,83 @@ mod tests {
         let reasons = a.reasons(&p, true);
         assert_eq!(reasons[0].detector, "output_volume");
         assert_eq!(reasons[1].detector, "template_sweep");
+    }
+
+    /// An org's shape: the strongest of its concentration on one family, its output/input
+    /// ratio and its output per key, each ramped; none for a one-key org.
+    #[test]
+    fn an_orgs_shape_is_its_concentration_or_its_output_ratio() {
+        let p = params(&BehaviorPolicy::default());
+        let org = |concentration, out_in_ratio, out_per_key: f32, peers| {
+            let v = SignalView {
+                concentration,
+                out_in_ratio,
+                out_per_min: out_per_key * peers,
+                peers,
+                ..sweeping_key()
+            };
+            org_shape(&v, &p)
+        };
+        // An enterprise: many services, reads more than it writes, modest keys.
+        assert_eq!(org(0.1, 0.4, 3_000.0, 120.0), Some(0.0));
+        // Half way up each ramp (concentration 0.5-0.8, ratio 1-2, 8k-40k tokens per key).
+        let near = |h: Option<f32>, x: f32| h.is_some_and(|h| (h - x).abs() < 1e-5);
+        assert!(near(org(0.65, 0.4, 1_500.0, 120.0), 0.5));
+        assert!(near(org(0.1, 1.5, 1_500.0, 120.0), 0.5));
+        assert!(near(org(0.1, 0.4, 24_000.0, 120.0), 0.5));
+        // A campaign: one family, short questions for long answers, or every key heavy.
+        assert_eq!(org(1.0, 0.4, 1_500.0, 30.0), Some(1.0));
+        assert_eq!(org(0.1, 3.5, 1_500.0, 30.0), Some(1.0));
+        assert_eq!(org(0.1, 0.4, 45_000.0, 30.0), Some(1.0));
+        // One key: no shape (the key is the org).
+        assert_eq!(org(0.1, 0.4, 1_500.0, 1.0), None);
+    }
+
+    /// A key's sweep counts at `org_weight` when its org looks nothing like harvesting, in
+    /// full when it does, linearly between; an org's own sweep ignores the field.
+    #[test]
+    fn a_keys_sweep_weighs_its_orgs_shape() {
+        let p = params(&BehaviorPolicy::default());
+        let sweep = |kind, org_shape| {
+            let v = SignalView {
+                org_shape,
+                ..sweeping_key()
+            };
+            assess(kind, &v, &[], &p).findings[DetectorId::TemplateSweep.idx()].strength
+        };
+        assert_eq!(sweep(SubjectKind::ApiKey, None), 1.0);
+        assert_eq!(sweep(SubjectKind::ApiKey, Some(0.0)), 0.5);
+        assert_eq!(sweep(SubjectKind::ApiKey, Some(0.5)), 0.75);
+        assert_eq!(sweep(SubjectKind::ApiKey, Some(1.0)), 1.0);
+        assert_eq!(sweep(SubjectKind::Org, Some(0.0)), 1.0);
+
+        // At half volume, an enterprise's service key stays below throttle; the same key in a
+        // campaign org does not.
+        let half = |org_shape| {
+            let v = SignalView {
+                out_per_min: 24_000.0,
+                out_in_ratio: 2.4,
+                org_shape,
+                ..sweeping_key()
+            };
+            assess(SubjectKind::ApiKey, &v, &[], &p)
+                .tally(&p, false)
+                .score
+        };
+        let throttle = p.policy().levels.throttle.up as f32;
+        assert!(half(Some(0.0)) < throttle, "{}", half(Some(0.0)));
+        assert!(half(Some(1.0)) >= throttle, "{}", half(Some(1.0)));
+
+        // `org_weight = 1` turns the org context off.
+        let mut policy = BehaviorPolicy::default();
+        policy.detectors.template_sweep.org_weight = 1.0;
+        let p = params(&policy);
+        let v = SignalView {
+            org_shape: Some(0.0),
+            ..sweeping_key()
+        };
+        let a = assess(SubjectKind::ApiKey, &v, &[], &p);
+        assert_eq!(a.findings[DetectorId::TemplateSweep.idx()].strength, 1.0);
     }
 
     #[test]

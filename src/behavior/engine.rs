@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 
 use super::{
     BehaviorParams, BehaviorPolicy, CrossIndex, Level, Observation, SubjectBehavior, Transition,
+    ORG_SHAPE_NONE,
 };
 use crate::hooks::{EscalationEvent, EscalationHook, EventQueue, HookRunner};
 use crate::policy::ConfigError;
@@ -39,9 +40,10 @@ impl BehaviorRt {
     }
 }
 
-/// The cached levels take the low 16 bits of `Slot::cache`; the time from which the cache must
-/// be refreshed under the lock (a manual level's expiry) takes the high 48, in units of
-/// `2^RECHECK_SHIFT` ns (about 1 ms), rounded down so that the refresh is never late.
+/// The cached levels take the low 8 bits of `Slot::cache` (4 each), an org's published
+/// shape the next 8 (read by its keys without its lock, see `detect::org_shape`); the time from which the
+/// cache must be refreshed under the lock (a manual level's expiry) takes the high 48, in units
+/// of `2^RECHECK_SHIFT` ns (about 1 ms), rounded down so that the refresh is never late.
 const RECHECK_SHIFT: u32 = 20;
 /// No manual level expires: the cached levels stay valid until the next locked update. No
 /// `now >> RECHECK_SHIFT` reaches it (that would take 2^68 ns).
@@ -61,7 +63,8 @@ const NEVER: u64 = (1 << 48) - 1;
 #[derive(Debug)]
 #[repr(C, align(16))]
 pub(crate) struct Slot {
-    /// enforced level | reported level << 8 | recheck time (see `RECHECK_SHIFT`) << 16.
+    /// enforced level | reported level << 4 | org shape << 8 | recheck time (see
+    /// `RECHECK_SHIFT`) << 16.
     cache: AtomicU64,
     state: Mutex<SubjectBehavior>,
 }
@@ -71,7 +74,7 @@ impl Slot {
         let mut s = SubjectBehavior::new(kind, now);
         s.set_exempt(exempt);
         Self {
-            cache: AtomicU64::new(NEVER << 16),
+            cache: AtomicU64::new(NEVER << 16 | u64::from(ORG_SHAPE_NONE) << 8),
             state: Mutex::new(s),
         }
     }
@@ -106,9 +109,16 @@ impl Slot {
             w = self.store(&s, now);
         }
         (
-            Level::from_u8(w as u8).unwrap_or(Level::Normal),
-            Level::from_u8((w >> 8) as u8).unwrap_or(Level::Normal),
+            Level::from_u8((w & 0xF) as u8).unwrap_or(Level::Normal),
+            Level::from_u8((w >> 4 & 0xF) as u8).unwrap_or(Level::Normal),
         )
+    }
+
+    /// The shape this org published at its last evaluation (see
+    /// `SubjectBehavior::org_shape`), without its lock.
+    #[inline]
+    pub(crate) fn org_shape(&self) -> u8 {
+        (self.cache.load(Ordering::Relaxed) >> 8) as u8
     }
 
     /// Refreshes the cache from the state (call with the lock held); returns the new word.
@@ -118,7 +128,8 @@ impl Slot {
         // `u64::MAX >> RECHECK_SHIFT` is below `NEVER`: the shift cannot reach the level bits.
         let recheck = s.manual_until(now).map_or(NEVER, |t| t >> RECHECK_SHIFT);
         let w = u64::from(s.level(now) as u8)
-            | (u64::from(s.reported_level(now) as u8) << 8)
+            | (u64::from(s.reported_level(now) as u8) << 4)
+            | (u64::from(s.org_shape()) << 8)
             | (recheck << 16);
         self.cache.store(w, Ordering::Release);
         w
@@ -232,6 +243,7 @@ impl Engine {
         // in the cross index under its family (a band of its SimHash centroid, or its
         // template), at its mean output, once its lock is released.
         let mut filed = false;
+        let org = subjects[1].and_then(|e| e.behavior.as_deref());
         for (i, e) in subjects.iter().enumerate() {
             let Some(b) = e.and_then(|e| e.behavior.as_deref()) else {
                 continue;
@@ -247,6 +259,10 @@ impl Engine {
                     rt.cross.prefetch(family);
                 }
                 s.observe(&obs, p);
+                if i == 0 && s.evaluation_due(now, p) {
+                    // The key's evaluation weighs its org's traffic (read only when due).
+                    s.set_org_shape(org.map_or(ORG_SHAPE_NONE, Slot::org_shape));
+                }
                 let file = (!filed).then(|| (s.family_of(&obs), s.mean_output()));
                 let t = s.evaluate(now, p, &rt.cross);
                 (t, (s.reported_level(now), s.level(now)), file)

@@ -89,6 +89,7 @@ pub use policy::{
 use detect::{DetectorId, DETECTORS};
 use escalate::{Escalation, StepInput};
 use signals::Signals;
+pub(crate) use signals::ORG_SHAPE_NONE;
 
 /// What the behavioural layer sees of one request. Plain data, built by the warden once per
 /// check and passed to the request's three subjects and to the [`CrossIndex`].
@@ -455,6 +456,15 @@ impl SubjectBehavior {
         p: &BehaviorParams,
         cross: &CrossIndex,
     ) -> Option<Transition> {
+        if !self.evaluation_due(now_ns, p) {
+            return None;
+        }
+        self.evaluate_now(now_ns, p, cross)
+    }
+
+    /// Whether [`evaluate`](Self::evaluate) at `now_ns` would evaluate (the cadence).
+    #[inline]
+    pub(crate) fn evaluation_due(&self, now_ns: u64, p: &BehaviorParams) -> bool {
         // A clock behind the last evaluation counts as due, so nothing stalls after a jump.
         if self.signals.is_evaluated() && now_ns >= self.last_eval_ns {
             let since = now_ns - self.last_eval_ns;
@@ -462,10 +472,25 @@ impl SubjectBehavior {
                 || (u32::from(self.signals.since_eval()) < p.eval_min_requests
                     && since < p.eval_max_ns)
             {
-                return None;
+                return false;
             }
         }
-        self.evaluate_now(now_ns, p, cross)
+        true
+    }
+
+    /// Key: records the shape that its org publishes ([`org_shape`](Self::org_shape) of the
+    /// org's state, or `ORG_SHAPE_NONE` for no org), for the next evaluation.
+    #[inline]
+    pub(crate) fn set_org_shape(&mut self, q: u8) {
+        self.signals.set_org_shape(q);
+    }
+
+    /// Org: how much it looked like harvesting as a whole at its last evaluation
+    /// (`detect::org_shape`, stored by `signals::quantize_shape`; `ORG_SHAPE_NONE` before
+    /// that, or while it has fewer than two active keys). Key: the one it last recorded.
+    #[inline]
+    pub(crate) fn org_shape(&self) -> u8 {
+        self.signals.org_shape()
     }
 
     #[inline(never)]
@@ -537,6 +562,11 @@ impl SubjectBehavior {
         cross: &CrossIndex,
     ) -> detect::Assessment {
         let view = self.signals.view(now_ns, p);
+        if self.kind() == SubjectKind::Org {
+            // Published for the org's keys (see `TemplateSweepPolicy::org_weight`).
+            let shape = detect::org_shape(&view, p);
+            self.signals.set_org_shape(signals::quantize_shape(shape));
+        }
         let mut stats = [FamilyStats::default(); BANDS + 1];
         let mut found = 0;
         let t = &p.policy().detectors.template_spread;

@@ -384,6 +384,24 @@ pub struct TemplateSweepPolicy {
     pub min_distinct: f64,
     /// Distinct-prompt ratio for full strength. Default `0.9`.
     pub full_distinct: f64,
+    /// Keys only: the share of the sweep's strength that counts when the key's org, taken as
+    /// a whole, looks nothing like harvesting. With at least two active keys, an org's
+    /// *shape* is the strongest of its own concentration on one family (ramped from
+    /// `min_share` to `full_share`, as for this detector), its output/input token ratio
+    /// (ramped from `org_min_ratio` to `org_full_ratio`) and its output per active key
+    /// (ramped like a key's `output_volume`, from its `min_tokens_per_min` to
+    /// `full_tokens_per_min`); the key's sweep counts at `org_weight` at shape 0, in full at
+    /// shape 1, linearly between. Default `0.5`: one long-answer service among an
+    /// enterprise's many modest keys, which read more than they write, is coverage evidence
+    /// at half strength; a campaign, whose keys share one family, ask short questions for
+    /// long answers or each draw a lot, keeps it whole. `1` turns the org context off.
+    pub org_weight: f64,
+    /// The org's output/input ratio at or below which the ratio adds nothing to its shape.
+    /// Default `1.0`: the org as a whole reads at least as much as it writes.
+    pub org_min_ratio: f64,
+    /// The org's output/input ratio at which its shape is 1. Default `2.0`, the ratio at
+    /// which `output_volume` counts output in full.
+    pub org_full_ratio: f64,
 }
 
 impl Default for TemplateSweepPolicy {
@@ -396,6 +414,9 @@ impl Default for TemplateSweepPolicy {
             full_share: 0.8,
             min_distinct: 0.6,
             full_distinct: 0.9,
+            org_weight: 0.5,
+            org_min_ratio: 1.0,
+            org_full_ratio: 2.0,
         }
     }
 }
@@ -1013,6 +1034,14 @@ impl DetectorsPolicy {
             "full_distinct",
             d.full_distinct,
         )?;
+        unit(&p, "org_weight", d.org_weight)?;
+        ramp(
+            &p,
+            "org_min_ratio",
+            d.org_min_ratio,
+            "org_full_ratio",
+            d.org_full_ratio,
+        )?;
 
         let d = &self.prompt_diversity;
         let p = format!("{path}.prompt_diversity");
@@ -1261,6 +1290,28 @@ mod tests {
             ..BehaviorPolicy::default()
         };
         assert!(p.validate("b").is_err());
+
+        // The org context of `template_sweep`: a weight in [0, 1] and an increasing ramp.
+        let bad: [(&str, Set); 3] = [
+            ("b.detectors.template_sweep.org_weight", |p| {
+                p.detectors.template_sweep.org_weight = 1.5
+            }),
+            ("b.detectors.template_sweep.org_full_ratio", |p| {
+                p.detectors.template_sweep.org_full_ratio = 0.5
+            }),
+            ("b.detectors.template_sweep.org_min_ratio", |p| {
+                p.detectors.template_sweep.org_min_ratio = f64::INFINITY
+            }),
+        ];
+        for (field, set) in bad {
+            let mut p = BehaviorPolicy::default();
+            set(&mut p);
+            let err = p.validate("b").unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Invalid { ref path, .. } if path == field),
+                "{field}: {err:?}"
+            );
+        }
     }
 
     #[test]

@@ -720,6 +720,8 @@ impl Warden {
                     }
                 }
             }
+            // The key's evaluation weighs what its org published (as `Engine::observe` does).
+            let org_shape = self.subjects[&subjects[1]].org_shape();
             let s = self.subjects.get_mut(id).unwrap();
             s.observe(
                 &Observation {
@@ -728,6 +730,9 @@ impl Warden {
                 },
                 &self.p,
             );
+            if i == 0 && s.evaluation_due(now, &self.p) {
+                s.set_org_shape(org_shape);
+            }
             if i == 0 {
                 if let Some(family) = s.family_of(&obs) {
                     self.cross.observe(family, &obs, s.mean_output());

@@ -87,6 +87,19 @@ const SALT_TEMPLATE: u64 = 0x1319_8A2E_0370_7344;
 const SALT_PEER: u64 = 0xA409_3822_299F_31D0;
 const SALT_CHILD: u64 = 0x082E_FA98_EC4E_6C89;
 
+/// `Signals::org_shape` holds a value in `[0, 1]` in steps of 1/`ORG_SHAPE_SCALE`.
+const ORG_SHAPE_SCALE: f32 = 254.0;
+/// `Signals::org_shape` when there is no org shape to apply.
+pub(crate) const ORG_SHAPE_NONE: u8 = u8::MAX;
+
+/// An org shape (see `detect::org_shape`) as stored in `Signals::org_shape`: `None` and NaN
+/// give `ORG_SHAPE_NONE`.
+pub(crate) fn quantize_shape(h: Option<f32>) -> u8 {
+    match h {
+        Some(h) if !h.is_nan() => (h.clamp(0.0, 1.0) * ORG_SHAPE_SCALE).round() as u8,
+        _ => ORG_SHAPE_NONE,
+    }
+}
 const F_ARRIVAL: u8 = 1;
 const F_SIMHASH: u8 = 2;
 const F_INPUT: u8 = 4;
@@ -342,6 +355,9 @@ pub(crate) struct Signals {
     flags: u8,
     /// The next slot of `recent` to write.
     recent_head: u8,
+    /// Key: how much its org as a whole looks like harvesting, as the key last saw it. Org:
+    /// its own, as published at its last evaluation. See `quantize_shape`.
+    org_shape: u8,
     kind: SubjectKind,
 
     prompts: Windowed<PROMPT_WORDS>,
@@ -397,6 +413,9 @@ pub(crate) struct SignalView {
     pub(crate) fresh_peers: f32,
     /// Coefficient of variation of inter-arrival times.
     pub(crate) cv: Option<f32>,
+    /// Key: how much its org as a whole looks like harvesting, in `[0, 1]`, when the org has
+    /// at least two active keys (see `detect::org_shape`).
+    pub(crate) org_shape: Option<f32>,
     /// Distinct escalated children (enforced).
     pub(crate) kids_enforced: f32,
     /// Distinct escalated children (reported, shadow included).
@@ -433,6 +452,7 @@ impl Signals {
             since_eval: 0,
             flags: 0,
             recent_head: 0,
+            org_shape: ORG_SHAPE_NONE,
             kind,
             prompts: Windowed::ZERO,
             templates: Windowed::ZERO,
@@ -451,6 +471,20 @@ impl Signals {
     #[inline]
     pub(crate) const fn kind(&self) -> SubjectKind {
         self.kind
+    }
+
+    /// Key: the org shape its org last published, as recorded by
+    /// [`set_org_shape`](Self::set_org_shape). Org: the shape it publishes. See
+    /// `quantize_shape`.
+    #[inline]
+    pub(crate) const fn org_shape(&self) -> u8 {
+        self.org_shape
+    }
+
+    /// See [`org_shape`](Self::org_shape).
+    #[inline]
+    pub(crate) fn set_org_shape(&mut self, q: u8) {
+        self.org_shape = q;
     }
 
     /// Requests observed since the last [`evaluated`](Self::evaluated) call (saturating).
@@ -823,6 +857,8 @@ impl Signals {
             peers: self.peers.distinct(),
             fresh_peers: self.peers.fresh(),
             cv,
+            org_shape: (self.kind == SubjectKind::ApiKey && self.org_shape != ORG_SHAPE_NONE)
+                .then(|| f32::from(self.org_shape) / ORG_SHAPE_SCALE),
             kids_enforced,
             kids_reported,
         }
