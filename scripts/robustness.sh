@@ -5,6 +5,10 @@
 #
 #   bash scripts/robustness.sh            # all variants, seeds 1 2 3
 #   SEEDS="1" bash scripts/robustness.sh  # one seed
+#   PROBES=1 bash scripts/robustness.sh   # the probes below instead (needs python3)
+#
+# A variant is "name|simulate flags", or "name|simulate flags|reshape.py flags" for a probe
+# whose trace is reshaped after simulation (attack shapes the simulator does not generate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet --example simulate --example replay --example evaluate
@@ -36,6 +40,18 @@ variants=(
     "CI bots x10|--actors B5=60"
     "NAT accounts x3|--actors B4=1800"
 )
+probes=(
+    # More enterprise keys: one org's heaviest service keys come closer to a harvester's.
+    "enterprise keys x3|--actors B3=120"
+    "enterprise keys x5|--actors B3=200"
+    # Campaigns with long (few-shot) prompts, and with a family of their own per key.
+    "E2, E5 prompts x4||--scenarios E2,E5 --input-scale 4"
+    "E2, E5 own families||--scenarios E2,E5 --own-families"
+    "E2, E5 both||--scenarios E2,E5 --input-scale 4 --own-families"
+)
+if [ -n "${PROBES:-}" ]; then
+    variants=("${probes[@]}")
+fi
 
 run() { # what, command...: runs it, and on failure says which run and shows its errors
     local what=$1
@@ -48,12 +64,17 @@ run() { # what, command...: runs it, and on failure says which run and shows its
 }
 
 for v in "${variants[@]}"; do
-    name=${v%%|*}
-    flags=${v#*|}
+    IFS='|' read -r name flags reshape <<< "$v"
     for seed in ${SEEDS:-1 2 3}; do
         # shellcheck disable=SC2086
         run simulate "$bin/simulate" --quiet --seed "$seed" --duration-min 60 $flags \
             --trace "$tmp/t.jsonl" --truth "$tmp/truth.jsonl"
+        if [ -n "$reshape" ]; then
+            # shellcheck disable=SC2086
+            run reshape python3 scripts/reshape.py "$tmp/t.jsonl" "$tmp/truth.jsonl" $reshape \
+                > "$tmp/r.jsonl"
+            mv "$tmp/r.jsonl" "$tmp/t.jsonl"
+        fi
         run replay "$bin/replay" --quiet --seed "$seed" < "$tmp/t.jsonl" > "$tmp/d.jsonl"
         run "replay --limits-only" "$bin/replay" --quiet --seed "$seed" --limits-only \
             < "$tmp/t.jsonl" > "$tmp/b.jsonl"
@@ -65,5 +86,10 @@ for v in "${variants[@]}"; do
             exit 1
         fi
         printf '%-28s seed %s  %s\n' "$name" "$seed" "${summary#summary: }"
+        if [ -n "$reshape" ]; then
+            # The reshaped scenarios: share of requests denied, actors escalated.
+            awk '$1 ~ /^E2$|^E5$/ { sub(/,$/, "", $8); printf "%-28s         %s denied %s%%, escalated %s\n", "", $1, $5, $8 }' \
+                "$tmp/eval.txt"
+        fi
     done
 done

@@ -259,12 +259,15 @@ impl Engine {
                     rt.cross.prefetch(family);
                 }
                 s.observe(&obs, p);
-                if i == 0 && s.evaluation_due(now, p) {
-                    // The key's evaluation weighs its org's traffic (read only when due).
-                    s.set_org_shape(org.map_or(ORG_SHAPE_NONE, Slot::org_shape));
-                }
                 let file = (!filed).then(|| (s.family_of(&obs), s.mean_output()));
-                let t = s.evaluate(now, p, &rt.cross);
+                let t = if i == 0 {
+                    // A key's evaluation weighs what its org publishes.
+                    s.evaluate_key(now, p, &rt.cross, || {
+                        org.map_or(ORG_SHAPE_NONE, Slot::org_shape)
+                    })
+                } else {
+                    s.evaluate(now, p, &rt.cross)
+                };
                 (t, (s.reported_level(now), s.level(now)), file)
             });
             if let Some((family, output)) = file {

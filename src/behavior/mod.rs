@@ -464,7 +464,7 @@ impl SubjectBehavior {
 
     /// Whether [`evaluate`](Self::evaluate) at `now_ns` would evaluate (the cadence).
     #[inline]
-    pub(crate) fn evaluation_due(&self, now_ns: u64, p: &BehaviorParams) -> bool {
+    fn evaluation_due(&self, now_ns: u64, p: &BehaviorParams) -> bool {
         // A clock behind the last evaluation counts as due, so nothing stalls after a jump.
         if self.signals.is_evaluated() && now_ns >= self.last_eval_ns {
             let since = now_ns - self.last_eval_ns;
@@ -478,11 +478,22 @@ impl SubjectBehavior {
         true
     }
 
-    /// Key: records the shape that its org publishes ([`org_shape`](Self::org_shape) of the
-    /// org's state, or `ORG_SHAPE_NONE` for no org), for the next evaluation.
+    /// [`evaluate`](Self::evaluate) for a key: when an evaluation is due, it first records
+    /// the shape its org publishes (`org()`: [`org_shape`](Self::org_shape) of the org's
+    /// state, or `ORG_SHAPE_NONE` for no org), so the org is read only then.
     #[inline]
-    pub(crate) fn set_org_shape(&mut self, q: u8) {
-        self.signals.set_org_shape(q);
+    pub(crate) fn evaluate_key(
+        &mut self,
+        now_ns: u64,
+        p: &BehaviorParams,
+        cross: &CrossIndex,
+        org: impl FnOnce() -> u8,
+    ) -> Option<Transition> {
+        if !self.evaluation_due(now_ns, p) {
+            return None;
+        }
+        self.signals.set_org_shape(org());
+        self.evaluate_now(now_ns, p, cross)
     }
 
     /// Org: how much it looked like harvesting as a whole at its last evaluation

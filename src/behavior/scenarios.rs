@@ -730,15 +730,17 @@ impl Warden {
                 },
                 &self.p,
             );
-            if i == 0 && s.evaluation_due(now, &self.p) {
-                s.set_org_shape(org_shape);
-            }
             if i == 0 {
                 if let Some(family) = s.family_of(&obs) {
                     self.cross.observe(family, &obs, s.mean_output());
                 }
             }
-            if let Some(t) = s.evaluate(now, &self.p, &self.cross) {
+            let t = if i == 0 {
+                s.evaluate_key(now, &self.p, &self.cross, || org_shape)
+            } else {
+                s.evaluate(now, &self.p, &self.cross)
+            };
+            if let Some(t) = t {
                 events.push(t.into_event(s.kind(), format!("{}", id.1), now / 1_000_000));
             }
         }
