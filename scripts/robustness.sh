@@ -87,9 +87,15 @@ for v in "${variants[@]}"; do
         fi
         printf '%-28s seed %s  %s\n' "$name" "$seed" "${summary#summary: }"
         if [ -n "$reshape" ]; then
-            # The reshaped scenarios: share of requests denied, actors escalated.
-            awk '$1 ~ /^E2$|^E5$/ { sub(/,$/, "", $8); printf "%-28s         %s denied %s%%, escalated %s\n", "", $1, $5, $8 }' \
-                "$tmp/eval.txt"
+            # The reshaped scenarios (reshape.py's --scenarios): requests denied, actors
+            # escalated.
+            reshaped=$(sed -n 's/.*--scenarios \([^ ]*\).*/\1/p' <<< "$reshape")
+            awk -v list="$reshaped" '
+                BEGIN { n = split(list, s, ","); for (i = 1; i <= n; i++) want[s[i]] = 1 }
+                ($1 in want) {
+                    sub(/,$/, "", $8)
+                    printf "%-28s         %s denied %s%%, escalated %s\n", "", $1, $5, $8
+                }' "$tmp/eval.txt"
         fi
     done
 done

@@ -79,8 +79,9 @@ fn public_mix_meets_the_bars_other_seed() {
 /// (one template, every prompt new, ~780-token answers to ~330-token prompts, 34 requests a
 /// minute: output volume at about half strength) is throttled when the rest of its org does
 /// the same, and only watched when it is one service among many of an org whose traffic as a
-/// whole reads more than it writes. This fails if the org's published ratio does not reach
-/// its key (through the org slot's cached word), or if the key's sweep ignores it.
+/// whole reads more than it writes and whose other keys are modest. This fails if the org's
+/// published shape does not reach its key (through the org slot's cached word), or if the
+/// key's sweep ignores it.
 #[test]
 fn a_service_key_of_a_diversified_org_is_watched_not_throttled() {
     use ratewarden::{Decision, Level, ManualClock, Request, SubjectId, Warden};
@@ -132,8 +133,9 @@ fn a_service_key_of_a_diversified_org_is_watched_not_throttled() {
             if next[a] != t {
                 continue;
             }
-            // Jittered gaps (half to one and a half periods): people and services are not
-            // machine-regular, so `regular_timing` stays out of it.
+            // Jittered gaps (half to one and a half periods), as services are not
+            // machine-regular; `regular_timing` still adds a little (about 0.2) on both
+            // service keys, which the margin check below allows for.
             let jitter = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) % period;
             next[a] += period / 2 + jitter;
             clock.set_millis(t);
@@ -150,16 +152,20 @@ fn a_service_key_of_a_diversified_org_is_watched_not_throttled() {
             }
         }
     }
-    let level = |key: &str| w.inspect(&SubjectId::api_key(key)).unwrap().level;
-    assert!(
-        level("svc-campaign") >= Level::Throttle,
-        "the campaign's key: {:?}",
-        w.inspect(&SubjectId::api_key("svc-campaign"))
-    );
-    assert_eq!(
-        level("svc-enterprise"),
-        Level::Watch,
-        "the enterprise's key: {:?}",
-        w.inspect(&SubjectId::api_key("svc-enterprise"))
-    );
+    let report = |key: &str| w.inspect(&SubjectId::api_key(key)).unwrap();
+    let sweep = |key: &str| {
+        report(key)
+            .reasons
+            .iter()
+            .find(|r| r.detector == "template_sweep")
+            .map(|r| r.contribution)
+    };
+    let (campaign, enterprise) = (report("svc-campaign"), report("svc-enterprise"));
+    assert!(campaign.level >= Level::Throttle, "{campaign:?}");
+    assert_eq!(enterprise.level, Level::Watch, "{enterprise:?}");
+    // The rule itself: the sweep counts in full in the campaign, at half in the enterprise,
+    // and the enterprise key stays clear of the throttle mark (1.5) by more than noise.
+    assert_eq!(sweep("svc-campaign"), Some(1.0));
+    assert_eq!(sweep("svc-enterprise"), Some(0.5));
+    assert!(enterprise.score < 1.4, "{enterprise:?}");
 }

@@ -27,10 +27,12 @@
 //! requests. Concentration on a family feeds `template_sweep` and the group `output_volume`;
 //! the cross index links the subjects of one family (`template_spread`).
 //!
-//! A key's `template_sweep` is read against its org: it counts at `org_weight` when the org
-//! as a whole (two or more active keys) reads at least as many tokens as it writes, since one
-//! long-answer service among many of a customer's keys is not the org harvesting; the org
-//! publishes its ratio in its slot's cached word at each evaluation (see `engine.rs`).
+//! A key's `template_sweep` is read against its org: the org (two or more active keys)
+//! publishes its *shape* at each evaluation, the strongest of its own concentration on one
+//! family, its output/input ratio and its output per active key, each ramped to `[0, 1]`
+//! ([`org_shape`]), in its slot's cached word (see `engine.rs`); the key's sweep counts at
+//! `org_weight` at shape 0 and in full at 1, since one long-answer service among many of a
+//! customer's modest keys is not the org harvesting.
 //!
 //! Pinned-at-limit evidence is not counted while the subject's own enforced level is
 //! `throttle` or higher (the pressure is then of the layer's own making), and a subject that

@@ -49,6 +49,9 @@ const RECHECK_SHIFT: u32 = 20;
 /// `now >> RECHECK_SHIFT` reaches it (that would take 2^68 ns).
 const NEVER: u64 = (1 << 48) - 1;
 
+// Each cached level takes 4 bits.
+const _: () = assert!(Level::Block as u8 <= 0xF);
+
 /// One subject's behavioural state, boxed inside its table entry: the state behind a short
 /// mutex, and its current levels cached in one atomic word so that reading them costs one
 /// load.
@@ -325,6 +328,34 @@ mod tests {
     /// A check's first read of a slot (its cached levels) also brings in the lock: the lock
     /// byte sits right after the cache word, before the state, and the slot is 16-byte
     /// aligned, so the two share a cache line wherever the slot lands.
+    /// Every pair of levels and every kind of org shape survives the cache word: `levels`
+    /// and `org_shape` read back what `store` packed, with and without a manual level's
+    /// recheck time in the high bits. Fails if a field is shifted onto another.
+    #[test]
+    fn the_cache_word_round_trips_levels_and_org_shape() {
+        use crate::behavior::signals::quantize_shape;
+        let slot = Slot::new(SubjectKind::Org, 0, false);
+        for enforced in Level::ALL {
+            for reported in Level::ALL {
+                for shape in [Some(0.0), Some(0.5), Some(1.0), None] {
+                    let mut s = SubjectBehavior::new(SubjectKind::Org, 0);
+                    s.escalation.enforced.force(enforced, 0);
+                    s.escalation.reported.force(reported, 0);
+                    s.signals.set_org_shape(quantize_shape(shape));
+                    slot.store(&s, 0);
+                    assert_eq!(slot.levels(0), (enforced, reported));
+                    assert_eq!(slot.org_shape(), quantize_shape(shape));
+                    // A manual level with an expiry fills the recheck bits; before it
+                    // expires, the cached word still reads back the same.
+                    s.set_manual(enforced, Some(5_000_000_000));
+                    slot.store(&s, 0);
+                    assert_eq!(slot.levels(0).0, enforced);
+                    assert_eq!(slot.org_shape(), quantize_shape(shape));
+                }
+            }
+        }
+    }
+
     #[cfg(target_pointer_width = "64")]
     #[test]
     fn the_lock_shares_the_cache_words_line() {

@@ -519,7 +519,7 @@ impl SubjectBehavior {
             self.escalation.reported.force(Level::Normal, now_ns);
             return None;
         }
-        let a = self.assess(now_ns, p, cross);
+        let a = self.assess(now_ns, p, cross, true);
         let cap = self.escalation.cap(now_ns);
         let rep = a.tally(p, true);
         let enf = a.tally(p, false);
@@ -566,14 +566,17 @@ impl SubjectBehavior {
         })
     }
 
+    /// Runs the detectors on the signals as of `now_ns`; `publish`: an org also publishes its
+    /// shape for its keys (evaluations only, not diagnostics).
     fn assess(
         &mut self,
         now_ns: u64,
         p: &BehaviorParams,
         cross: &CrossIndex,
+        publish: bool,
     ) -> detect::Assessment {
         let view = self.signals.view(now_ns, p);
-        if self.kind() == SubjectKind::Org {
+        if publish && self.kind() == SubjectKind::Org {
             // Published for the org's keys (see `TemplateSweepPolicy::org_weight`).
             let shape = detect::org_shape(&view, p);
             self.signals.set_org_shape(signals::quantize_shape(shape));
@@ -620,7 +623,7 @@ impl SubjectBehavior {
         p: &BehaviorParams,
         cross: &CrossIndex,
     ) -> Vec<Reason> {
-        self.assess(now_ns, p, cross).reasons(p, true)
+        self.assess(now_ns, p, cross, false).reasons(p, true)
     }
 
     /// The enforced level: a live manual level, else `normal` if exempt, else the computed

@@ -395,6 +395,14 @@ pub struct TemplateSweepPolicy {
     /// enterprise's many modest keys, which read more than they write, is coverage evidence
     /// at half strength; a campaign, whose keys share one family, ask short questions for
     /// long answers or each draw a lot, keeps it whole. `1` turns the org context off.
+    ///
+    /// The key's `template_sweep` reason keeps its value (the key's own concentration); its
+    /// contribution shows the weight. The three ramps are this policy's own fields (the
+    /// ratio ramp's default happens to equal `output_volume.full_output_ratio`, the per-key
+    /// ramp reuses `output_volume.min_tokens_per_min` and `full_tokens_per_min`). An org
+    /// publishes its shape at its evaluations, so after a policy swap its keys see shapes
+    /// under the new thresholds from the org's next evaluation (within `evaluate_max_ms`
+    /// while it is active).
     pub org_weight: f64,
     /// The org's output/input ratio at or below which the ratio adds nothing to its shape.
     /// Default `1.0`: the org as a whole reads at least as much as it writes.

@@ -17,7 +17,9 @@
 
 use std::collections::HashMap;
 
-use super::{BehaviorParams, BehaviorPolicy, CrossIndex, Level, Observation, SubjectBehavior};
+use super::{
+    BehaviorParams, BehaviorPolicy, CrossIndex, Level, Observation, SubjectBehavior, ORG_SHAPE_NONE,
+};
 use crate::hooks::{EscalationEvent, EventQueue, HookRunner};
 use crate::subject::SubjectKind;
 
@@ -721,7 +723,11 @@ impl Warden {
                 }
             }
             // The key's evaluation weighs what its org published (as `Engine::observe` does).
-            let org_shape = self.subjects[&subjects[1]].org_shape();
+            let org_shape = if i == 0 {
+                self.subjects[&subjects[1]].org_shape()
+            } else {
+                ORG_SHAPE_NONE
+            };
             let s = self.subjects.get_mut(id).unwrap();
             s.observe(
                 &Observation {

@@ -872,6 +872,19 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
+    #[test]
+    fn org_shapes_quantize_into_0_to_254() {
+        assert_eq!(quantize_shape(None), ORG_SHAPE_NONE);
+        assert_eq!(quantize_shape(Some(f32::NAN)), ORG_SHAPE_NONE);
+        assert_eq!(quantize_shape(Some(0.0)), 0);
+        assert_eq!(quantize_shape(Some(-1.0)), 0);
+        assert_eq!(quantize_shape(Some(f32::NEG_INFINITY)), 0);
+        assert_eq!(quantize_shape(Some(0.5)), 127);
+        assert_eq!(quantize_shape(Some(1.0)), 254);
+        assert_eq!(quantize_shape(Some(2.0)), 254);
+        assert_eq!(quantize_shape(Some(f32::INFINITY)), 254);
+    }
+
     fn params() -> BehaviorParams {
         BehaviorParams::new(&BehaviorPolicy::default(), "behavior")
             .unwrap()
