@@ -48,6 +48,10 @@ probes=(
     "E2, E5 prompts x4||--scenarios E2,E5 --input-scale 4"
     "E2, E5 own families||--scenarios E2,E5 --own-families"
     "E2, E5 both||--scenarios E2,E5 --input-scale 4 --own-families"
+    # Batch customers (B2's shape, near 80% of their key limits) that translate or rewrite
+    # their documents instead of classifying them: output as long as the input, or 1.2x.
+    "B2 writing what it reads||--scenarios B2 --output-ratio 1.0"
+    "B2 writing 1.2x what it reads||--scenarios B2 --output-ratio 1.2"
 )
 if [ -n "${PROBES:-}" ]; then
     variants=("${probes[@]}")

@@ -745,6 +745,30 @@ mod tests {
         assert_eq!(a.findings[DetectorId::TemplateSweep.idx()].strength, 1.0);
     }
 
+    /// A batch job that translates or rewrites its documents writes about what it reads: at
+    /// any volume its output is not harvesting, so a sweep alone is all it shows. A sweep
+    /// with short prompts and long answers is.
+    #[test]
+    fn a_batch_that_writes_what_it_reads_is_not_harvesting() {
+        let p = params(&BehaviorPolicy::default());
+        let job = |out_in_ratio| {
+            let v = SignalView {
+                out_per_min: 60_000.0,
+                out_in_ratio,
+                ..sweeping_key()
+            };
+            assess(SubjectKind::ApiKey, &v, &[], &p)
+        };
+        for ratio in [0.5, 1.0] {
+            let a = job(ratio);
+            assert_eq!(a.findings[DetectorId::OutputVolume.idx()].strength, 0.0);
+            assert!(!a.tally(&p, false).gate(&p), "ratio {ratio}");
+        }
+        let a = job(2.5);
+        assert!(a.findings[DetectorId::OutputVolume.idx()].strength >= 1.0);
+        assert!(a.tally(&p, false).gate(&p));
+    }
+
     #[test]
     fn batch_classifier_is_coverage_only() {
         // B2: one template, all prompts distinct, tiny outputs, logprobs often.

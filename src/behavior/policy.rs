@@ -272,11 +272,14 @@ pub struct OutputVolumePolicy {
     pub group_min_tokens_per_key: f64,
     /// Org or cluster: per-key output for full strength. Default `8000`.
     pub group_full_tokens_per_key: f64,
-    /// Output/input token ratio at or below which output counts nothing. Default `0.25`:
-    /// classifiers and summarisers return a small fraction of what they read.
+    /// Output/input token ratio at or below which output counts nothing. Default `1.0`
+    /// (`0.25` before the seventh session): a job that writes no more than it reads
+    /// (classifying, summarising, translating, rewriting its documents) transforms what it
+    /// is given rather than drawing out what the model knows. At `0.25`, a batch customer
+    /// translating its documents near its key limits was throttled and then blocked.
     pub min_output_ratio: f64,
     /// Output/input ratio at which output counts fully. Default `2.0`: harvesting asks short
-    /// questions for long answers; chat-like services sit around one and count about half.
+    /// questions for long answers; chat-like services (about 1 to 1.5) count little.
     pub full_output_ratio: f64,
     /// Distinct-prompt ratio at or below which output counts nothing (repeats of one prompt
     /// reveal nothing new). Default `0.2`.
@@ -299,7 +302,7 @@ impl Default for OutputVolumePolicy {
             group_extreme_tokens_per_min: 3_600_000.0,
             group_min_tokens_per_key: 2_000.0,
             group_full_tokens_per_key: 8_000.0,
-            min_output_ratio: 0.25,
+            min_output_ratio: 1.0,
             full_output_ratio: 2.0,
             min_distinct: 0.2,
             full_distinct: 0.5,
