@@ -299,9 +299,9 @@ fn breadth(v: &SignalView, min_t: f64, full_t: f64, min_r: f64, full_r: f64) -> 
 /// its traffic's concentration on one family (ramped as `template_sweep` ramps a subject's),
 /// its output/input token ratio (ramped from `org_min_ratio` to `org_full_ratio`) and its
 /// output per active key (ramped as `output_volume` ramps one key's, from
-/// `min_tokens_per_min` to `full_tokens_per_min`: its average key harvests). `None` while it has fewer
-/// than two active keys: a one-key org is its key. Its keys' sweeps count at `org_weight` at
-/// 0, in full at 1 (see `TemplateSweepPolicy::org_weight`).
+/// `min_tokens_per_min` to `full_tokens_per_min`: its average key harvests). `None` while it
+/// has fewer than two active keys: a one-key org is its key. Its keys' sweeps count at
+/// `org_weight` at 0, in full at 1 (see `TemplateSweepPolicy::org_weight`).
 pub(crate) fn org_shape(v: &SignalView, p: &BehaviorParams) -> Option<f32> {
     let d = &p.policy().detectors;
     let (t, o) = (&d.template_sweep, &d.output_volume);

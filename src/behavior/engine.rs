@@ -40,10 +40,11 @@ impl BehaviorRt {
     }
 }
 
-/// The cached levels take the low 8 bits of `Slot::cache` (4 each), an org's published
-/// shape the next 8 (read by its keys without its lock, see `detect::org_shape`); the time from which the
-/// cache must be refreshed under the lock (a manual level's expiry) takes the high 48, in units
-/// of `2^RECHECK_SHIFT` ns (about 1 ms), rounded down so that the refresh is never late.
+/// The cached levels take the low 8 bits of `Slot::cache` (4 each), an org's published shape
+/// the next 8 (read by its keys without its lock, see `detect::org_shape`); the time from
+/// which the cache must be refreshed under the lock (a manual level's expiry) takes the high
+/// 48, in units of `2^RECHECK_SHIFT` ns (about 1 ms), rounded down so that the refresh is
+/// never late.
 const RECHECK_SHIFT: u32 = 20;
 /// No manual level expires: the cached levels stay valid until the next locked update. No
 /// `now >> RECHECK_SHIFT` reaches it (that would take 2^68 ns).
@@ -325,9 +326,6 @@ impl Engine {
 mod tests {
     use super::*;
 
-    /// A check's first read of a slot (its cached levels) also brings in the lock: the lock
-    /// byte sits right after the cache word, before the state, and the slot is 16-byte
-    /// aligned, so the two share a cache line wherever the slot lands.
     /// Every pair of levels and every kind of org shape survives the cache word: `levels`
     /// and `org_shape` read back what `store` packed, with and without a manual level's
     /// recheck time in the high bits. Fails if a field is shifted onto another.
@@ -356,6 +354,9 @@ mod tests {
         }
     }
 
+    /// A check's first read of a slot (its cached levels) also brings in the lock: the lock
+    /// byte sits right after the cache word, before the state, and the slot is 16-byte
+    /// aligned, so the two share a cache line wherever the slot lands.
     #[cfg(target_pointer_width = "64")]
     #[test]
     fn the_lock_shares_the_cache_words_line() {
