@@ -217,45 +217,59 @@ impl Warden {
         let now = self.clock.now_nanos();
         let fast = FastPolicy::decode(self.fast.load(Ordering::Acquire));
         let generation = fast.generation;
-        let cluster = || IpCluster::new(req.ip, fast.v4_prefix, fast.v6_prefix);
-
         let need_cluster = fast.active[2] || req.api_key.is_none();
-        let cluster = if need_cluster { Some(cluster()) } else { None };
+        let cluster = if need_cluster {
+            Some(IpCluster::new(req.ip, fast.v4_prefix, fast.v6_prefix))
+        } else {
+            None
+        };
         let mut handles = Handles::default();
-
-        let key_slot = fast.active[0].then(|| {
-            let (id, anonymous) = match req.api_key {
-                Some(k) => (self.namer.id(k), false),
-                None => (
-                    self.namer
-                        .anonymous(cluster.expect("computed for anonymous").bits()),
-                    true,
-                ),
+        // Each subject: its id, its entry, then (with the layer on) a prefetch of its
+        // behavioural slot before the next subject's lookup. Written as plain branches: this is
+        // the hottest code of the crate.
+        let mut key_slot = None;
+        if fast.active[0] {
+            let (id, name) = match (req.api_key, cluster) {
+                (Some(k), _) => {
+                    let id = self.namer.id(k);
+                    handles.set(0, id);
+                    (id, Some(k))
+                }
+                (None, c) => {
+                    let id = self
+                        .namer
+                        .anonymous(c.expect("computed for anonymous").bits());
+                    handles.set_anonymous(id);
+                    (id, None)
+                }
             };
-            if anonymous {
-                handles.set_anonymous(id);
-            } else {
-                handles.set(0, id);
-            }
-            self.keys.get_or_insert(
+            self.keys.get_or_insert_into(
+                &mut key_slot,
                 id,
                 now,
                 generation,
                 |pol| {
-                    let set = match req.api_key {
-                        Some(k) if !anonymous => pol.set_for_name(SubjectKind::ApiKey, k),
-                        _ => &pol.anonymous,
+                    let set = match name {
+                        Some(k) => pol.set_for_name(SubjectKind::ApiKey, k),
+                        None => &pol.anonymous,
                     };
                     self.new_entry(set, pol, now, SubjectKind::ApiKey)
                 },
                 &self.policy,
-            )
-        });
-        prefetch_behavior(fast.behave, key_slot.as_deref());
-        let org_slot = req.org.filter(|_| fast.active[1]).map(|o| {
+            );
+            if let Some(slot) = &key_slot {
+                if slot.is_overflow() {
+                    handles.mark_overflow(0);
+                }
+                prefetch_behavior(fast.behave, slot);
+            }
+        }
+        let mut org_slot = None;
+        if let (Some(o), true) = (req.org, fast.active[1]) {
             let id = self.namer.id(o);
             handles.set(1, id);
-            self.orgs.get_or_insert(
+            self.orgs.get_or_insert_into(
+                &mut org_slot,
                 id,
                 now,
                 generation,
@@ -268,32 +282,32 @@ impl Warden {
                     )
                 },
                 &self.policy,
-            )
-        });
-        prefetch_behavior(fast.behave, org_slot.as_deref());
-        let cl_slot = cluster.filter(|_| fast.active[2]).map(|c| {
+            );
+            if let Some(slot) = &org_slot {
+                if slot.is_overflow() {
+                    handles.mark_overflow(1);
+                }
+                prefetch_behavior(fast.behave, slot);
+            }
+        }
+        let mut cl_slot = None;
+        if let (Some(c), true) = (cluster, fast.active[2]) {
             let bits = c.bits();
             let id = self.namer.cluster(bits);
             handles.set_cluster(id, split(bits));
-            self.clusters.get_or_insert(
+            self.clusters.get_or_insert_into(
+                &mut cl_slot,
                 id,
                 now,
                 generation,
                 |pol| self.new_entry(pol.set_for_cluster(bits), pol, now, SubjectKind::IpCluster),
                 &self.policy,
-            )
-        });
-        prefetch_behavior(fast.behave, cl_slot.as_deref());
-        for (i, overflow) in [
-            key_slot.as_ref().is_some_and(Slot::is_overflow),
-            org_slot.as_ref().is_some_and(Slot::is_overflow),
-            cl_slot.as_ref().is_some_and(Slot::is_overflow),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            if overflow {
-                handles.mark_overflow(i);
+            );
+            if let Some(slot) = &cl_slot {
+                if slot.is_overflow() {
+                    handles.mark_overflow(2);
+                }
+                prefetch_behavior(fast.behave, slot);
             }
         }
         let subjects: Subjects<'_> = [key_slot.as_deref(), org_slot.as_deref(), cl_slot.as_deref()];
@@ -362,7 +376,7 @@ impl Warden {
         } else {
             match self.charge(req, &subjects, now, &mult) {
                 Ok(best) => {
-                    let decision = self.admit(req, &subjects, &handles, now, mult, level, best);
+                    let decision = self.admit(req, &handles, now, mult, level, best);
                     let pressure = pressures(&subjects, now);
                     let pending = self
                         .behavior
@@ -394,7 +408,7 @@ impl Warden {
         now: u64,
     ) -> Decision<'_> {
         match self.charge(req, subjects, now, &[1; 3]) {
-            Ok(best) => self.admit(req, subjects, handles, now, [1; 3], Level::Normal, best),
+            Ok(best) => self.admit(req, handles, now, [1; 3], Level::Normal, best),
             Err(refusal) => Decision::Deny(self.limit_denial(
                 req,
                 subjects,
@@ -418,10 +432,16 @@ impl Warden {
         subjects: &Subjects<'s>,
         now: u64,
         mult: &[u64; 3],
-    ) -> Result<[Option<(&'s LimitRt, u64)>; 2], Refusal> {
+    ) -> Result<Charged<'s>, Refusal> {
         let mut best: [Option<(&LimitRt, u64)>; 2] = [None, None];
+        let mut keep = 0u8;
+        let mut holds_slots = false;
         for (si, e) in subjects.iter().enumerate() {
             let Some(e) = e else { continue };
+            if e.set.needs_handle || e.behavior.is_some() {
+                keep |= 1 << si;
+                holds_slots |= e.set.holds_slots;
+            }
             for (li, (l, c)) in e.set.limits.iter().zip(e.cells()).enumerate() {
                 let unit = l.algo.unit();
                 let out = match cost_of(req, unit, mult[si]) {
@@ -458,7 +478,11 @@ impl Warden {
                 }
             }
         }
-        Ok(best)
+        Ok(Charged {
+            best,
+            keep,
+            holds_slots,
+        })
     }
 
     /// The permit of an admitted request.
@@ -467,23 +491,18 @@ impl Warden {
     fn admit(
         &self,
         req: &Request<'_>,
-        subjects: &Subjects<'_>,
         handles: &Handles,
         now: u64,
         mult: [u64; 3],
         level: Level,
-        best: [Option<(&LimitRt, u64)>; 2],
+        charged: Charged<'_>,
     ) -> Decision<'_> {
         self.counters.bump(Counter::Allowed);
-        let mut keep = 0u8;
-        let mut holds_slots = false;
-        for (si, e) in subjects.iter().enumerate() {
-            let Some(e) = e else { continue };
-            if e.set.needs_handle || e.behavior.is_some() {
-                keep |= 1 << si;
-                holds_slots |= e.set.holds_slots;
-            }
-        }
+        let Charged {
+            best,
+            keep,
+            holds_slots,
+        } = charged;
         let cand = |b: Option<(&LimitRt, u64)>| {
             b.map(|(l, state)| Candidate {
                 algo: l.algo,
@@ -775,9 +794,18 @@ impl Warden {
             (SubjectKind::IpCluster, Handle::Cluster(bits)) => {
                 let id = self.namer.cluster(join(bits));
                 if create {
-                    f(&self
-                        .clusters
-                        .get_or_insert(id, now, generation, make, &self.policy));
+                    let mut slot = None;
+                    self.clusters.get_or_insert_into(
+                        &mut slot,
+                        id,
+                        now,
+                        generation,
+                        make,
+                        &self.policy,
+                    );
+                    if let Some(s) = &slot {
+                        f(s);
+                    }
                 } else if let Some(r) = self.clusters.get(&id) {
                     f(&r);
                 }
@@ -789,7 +817,11 @@ impl Warden {
                     &self.keys
                 };
                 if create {
-                    f(&table.get_or_insert(id, now, generation, make, &self.policy));
+                    let mut slot = None;
+                    table.get_or_insert_into(&mut slot, id, now, generation, make, &self.policy);
+                    if let Some(s) = &slot {
+                        f(s);
+                    }
                 } else if let Some(r) = table.get(&id) {
                     f(&r);
                 }
@@ -797,6 +829,16 @@ impl Warden {
             _ => {}
         }
     }
+}
+
+/// What a successful charge pass found: the most constrained request and token limits (for
+/// headers) with the states their charges left, and which subjects the permit must keep.
+struct Charged<'s> {
+    best: [Option<(&'s LimitRt, u64)>; 2],
+    /// Subjects that settle, release or the behavioural layer will find again.
+    keep: u8,
+    /// Some kept subject has a concurrency limit.
+    holds_slots: bool,
 }
 
 /// A refused limit: `(subject index, limit index, wait)`.
@@ -921,8 +963,10 @@ fn pressures(subjects: &Subjects<'_>, now: u64) -> [f32; 3] {
 /// Starts loading a subject's behavioural slot as soon as its entry is found, when the layer
 /// is on (see [`BehaviorSlot::prefetch`]).
 #[inline(always)]
-fn prefetch_behavior(on: bool, entry: Option<&Entry>) {
-    if let Some(b) = entry.filter(|_| on).and_then(|e| e.behavior.as_deref()) {
-        b.prefetch();
+fn prefetch_behavior(on: bool, entry: &Entry) {
+    if on {
+        if let Some(b) = entry.behavior.as_deref() {
+            b.prefetch();
+        }
     }
 }
