@@ -261,6 +261,18 @@ impl Handles {
         self.ids
     }
 
+    /// Subject `i`'s id, if it has one.
+    #[inline]
+    pub(crate) fn id(&self, i: usize) -> Option<Id> {
+        (self.present & (1 << i) != 0).then_some(Id(self.ids[i]))
+    }
+
+    /// The key subject is its cluster's anonymous key.
+    #[inline]
+    pub(crate) fn is_anonymous(&self) -> bool {
+        self.anonymous
+    }
+
     /// Subject `i`'s handle, if it has one.
     #[inline]
     pub(crate) fn get(&self, i: usize) -> Option<Handle> {

@@ -234,6 +234,31 @@ impl<K> Slot<'_, K> {
     }
 }
 
+/// One shard of a table as dashmap stores it.
+type RawShard<K> = hashbrown::raw::RawTable<(K, dashmap::SharedValue<Entry>)>;
+
+/// A read-locked shard and the key to look up in it (see [`Table::read_shard`]).
+pub(crate) struct ShardRead<'a, K> {
+    guard: dashmap::RwLockReadGuard<'a, RawShard<K>>,
+    key: K,
+    hash: u64,
+}
+
+impl<K: Eq> ShardRead<'_, K> {
+    /// The key's entry, if it is tracked and laid out for `generation` or a newer policy
+    /// (touched, as a look-up through [`Table::get_or_insert_into`] would).
+    #[inline]
+    pub(crate) fn find(&self, generation: u64, now: u64) -> Option<&Entry> {
+        let (_, v) = self.guard.get(self.hash, |(k, _)| *k == self.key)?;
+        let e = v.get();
+        if e.set.generation < generation {
+            return None;
+        }
+        e.touch(now);
+        Some(e)
+    }
+}
+
 /// One kind's subjects.
 pub(crate) struct Table<K, S> {
     map: DashMap<K, Entry, S>,
@@ -277,6 +302,23 @@ impl<K: Eq + Hash + Copy, S: BuildHasher + Clone> Table<K, S> {
 
     pub(crate) fn tracked(&self) -> usize {
         self.tracked.load(Ordering::Relaxed)
+    }
+
+    /// Read-locks the shard that holds `key`, without looking it up yet.
+    ///
+    /// A check locks each of its subjects' shards first and then looks all of them up: a
+    /// locked instruction waits for every load before it, so a look-up placed between two
+    /// lock acquisitions cannot overlap its cache misses with the next one's. Taken in the
+    /// tables' fixed order (keys, orgs, clusters), as every other path does.
+    #[inline]
+    pub(crate) fn read_shard(&self, key: K) -> ShardRead<'_, K> {
+        let hash = self.map.hasher().hash_one(key);
+        let shard = &self.map.shards()[self.map.determine_shard(hash as usize)];
+        ShardRead {
+            guard: shard.read(),
+            key,
+            hash,
+        }
     }
 
     /// Finds the subject, or inserts it with `make`, and stores its slot in `out` (which is

@@ -216,33 +216,98 @@ impl Warden {
     pub fn check(&self, req: &Request<'_>) -> Decision<'_> {
         let now = self.clock.now_nanos();
         let fast = FastPolicy::decode(self.fast.load(Ordering::Acquire));
-        let generation = fast.generation;
         let need_cluster = fast.active[2] || req.api_key.is_none();
         let cluster = if need_cluster {
             Some(IpCluster::new(req.ip, fast.v4_prefix, fast.v6_prefix))
         } else {
             None
         };
+        // The id of every tracked subject first (hashing its name).
         let mut handles = Handles::default();
-        // Each subject: its id, its entry, then (with the layer on) a prefetch of its
-        // behavioural slot before the next subject's lookup. Written as plain branches: this is
-        // the hottest code of the crate.
-        let mut key_slot = None;
-        if fast.active[0] {
-            let (id, name) = match (req.api_key, cluster) {
+        let key = if fast.active[0] {
+            Some(match (req.api_key, cluster) {
                 (Some(k), _) => {
                     let id = self.namer.id(k);
                     handles.set(0, id);
-                    (id, Some(k))
+                    id
                 }
                 (None, c) => {
                     let id = self
                         .namer
                         .anonymous(c.expect("computed for anonymous").bits());
                     handles.set_anonymous(id);
-                    (id, None)
+                    id
                 }
-            };
+            })
+        } else {
+            None
+        };
+        let org = match (req.org, fast.active[1]) {
+            (Some(o), true) => {
+                let id = self.namer.id(o);
+                handles.set(1, id);
+                Some(id)
+            }
+            _ => None,
+        };
+        let cl = match (cluster, fast.active[2]) {
+            (Some(c), true) => {
+                let bits = c.bits();
+                let id = self.namer.cluster(bits);
+                handles.set_cluster(id, split(bits));
+                Some(id)
+            }
+            _ => None,
+        };
+        // Then every shard's read lock, then every look-up: no locked instruction sits between
+        // two look-ups, so their cache misses overlap (see `Table::read_shard`).
+        let shards = (
+            key.map(|id| self.keys.read_shard(id)),
+            org.map(|id| self.orgs.read_shard(id)),
+            cl.map(|id| self.clusters.read_shard(id)),
+        );
+        let subjects: Subjects<'_> = [
+            shards.0.as_ref().and_then(|s| s.find(fast.generation, now)),
+            shards.1.as_ref().and_then(|s| s.find(fast.generation, now)),
+            shards.2.as_ref().and_then(|s| s.find(fast.generation, now)),
+        ];
+        if subjects[0].is_some() != key.is_some()
+            || subjects[1].is_some() != org.is_some()
+            || subjects[2].is_some() != cl.is_some()
+        {
+            // A subject seen for the first time, or laid out by an older policy.
+            drop(shards);
+            return self.check_slow(req, now, fast, handles, cluster);
+        }
+        if !fast.behave {
+            return self.check_limits(req, &subjects, &handles, now);
+        }
+        for e in subjects.iter().flatten() {
+            prefetch_behavior(e);
+        }
+        let (decision, pending) = self.check_behavior(req, now, &subjects, handles);
+        drop(shards);
+        self.dispatch(pending, req, cluster, now);
+        decision
+    }
+
+    /// [`check`](Self::check) when a subject is not in its table yet, or was laid out by an
+    /// older policy, or its table is full: each subject is found, migrated or inserted in
+    /// turn (taking a shard's write lock where needed), or is the table's overflow entry.
+    #[cold]
+    #[inline(never)]
+    fn check_slow(
+        &self,
+        req: &Request<'_>,
+        now: u64,
+        fast: FastPolicy,
+        mut handles: Handles,
+        cluster: Option<IpCluster>,
+    ) -> Decision<'_> {
+        let generation = fast.generation;
+        let mut key_slot = None;
+        if let Some(id) = handles.id(0) {
+            let name = req.api_key.filter(|_| !handles.is_anonymous());
             self.keys.get_or_insert_into(
                 &mut key_slot,
                 id,
@@ -257,17 +322,9 @@ impl Warden {
                 },
                 &self.policy,
             );
-            if let Some(slot) = &key_slot {
-                if slot.is_overflow() {
-                    handles.mark_overflow(0);
-                }
-                prefetch_behavior(fast.behave, slot);
-            }
         }
         let mut org_slot = None;
-        if let (Some(o), true) = (req.org, fast.active[1]) {
-            let id = self.namer.id(o);
-            handles.set(1, id);
+        if let (Some(id), Some(o)) = (handles.id(1), req.org) {
             self.orgs.get_or_insert_into(
                 &mut org_slot,
                 id,
@@ -283,18 +340,10 @@ impl Warden {
                 },
                 &self.policy,
             );
-            if let Some(slot) = &org_slot {
-                if slot.is_overflow() {
-                    handles.mark_overflow(1);
-                }
-                prefetch_behavior(fast.behave, slot);
-            }
         }
         let mut cl_slot = None;
-        if let (Some(c), true) = (cluster, fast.active[2]) {
+        if let (Some(id), Some(c)) = (handles.id(2), cluster) {
             let bits = c.bits();
-            let id = self.namer.cluster(bits);
-            handles.set_cluster(id, split(bits));
             self.clusters.get_or_insert_into(
                 &mut cl_slot,
                 id,
@@ -303,37 +352,34 @@ impl Warden {
                 |pol| self.new_entry(pol.set_for_cluster(bits), pol, now, SubjectKind::IpCluster),
                 &self.policy,
             );
-            if let Some(slot) = &cl_slot {
-                if slot.is_overflow() {
-                    handles.mark_overflow(2);
-                }
-                prefetch_behavior(fast.behave, slot);
+        }
+        for (i, slot) in [&key_slot, &org_slot, &cl_slot].into_iter().enumerate() {
+            if slot.as_ref().is_some_and(Slot::is_overflow) {
+                handles.mark_overflow(i);
             }
         }
         let subjects: Subjects<'_> = [key_slot.as_deref(), org_slot.as_deref(), cl_slot.as_deref()];
         if !fast.behave {
             return self.check_limits(req, &subjects, &handles, now);
         }
-        self.check_behavior(req, now, [key_slot, org_slot, cl_slot], handles, cluster)
+        let (decision, pending) = self.check_behavior(req, now, &subjects, handles);
+        drop((key_slot, org_slot, cl_slot));
+        self.dispatch(pending, req, cluster, now);
+        decision
     }
 
     /// The rest of [`check`](Self::check) when the behavioural layer is on: levels first
     /// (challenge and block deny before any charge, throttle multiplies costs), then the
-    /// limits, then the signals; hooks run once every lock is released.
+    /// limits, then the signals. Returns the level changes, for the caller to dispatch to
+    /// the hooks once it has released every lock.
     #[inline(never)]
     fn check_behavior(
         &self,
         req: &Request<'_>,
         now: u64,
-        slots: [Option<Slot<'_, Id>>; 3],
+        subjects: &Subjects<'_>,
         handles: Handles,
-        cluster: Option<IpCluster>,
-    ) -> Decision<'_> {
-        let subjects: Subjects<'_> = [
-            slots[0].as_deref(),
-            slots[1].as_deref(),
-            slots[2].as_deref(),
-        ];
+    ) -> (Decision<'_>, Pending) {
         let Some(rt) = subjects
             .iter()
             .flatten()
@@ -343,11 +389,14 @@ impl Warden {
         else {
             // No kind is tracked, or the entries were laid out by a newer policy without the
             // layer (a swap during this check): classic limits only.
-            return self.check_limits(req, &subjects, &handles, now);
+            return (
+                self.check_limits(req, subjects, &handles, now),
+                Pending::default(),
+            );
         };
         // The enforced level acts, the reported one (shadow detectors included) is what the
         // decision shows.
-        let levels = self.behavior.levels(&subjects, now);
+        let levels = self.behavior.levels(subjects, now);
         let level = levels
             .iter()
             .map(|l| l.0.max(l.1))
@@ -355,7 +404,7 @@ impl Warden {
             .unwrap_or(Level::Normal);
         let mult = levels.map(|l| Engine::multiplier(l.0, rt));
         let hashes = handles.ids();
-        let (decision, pending) = if let Some((si, l)) = Engine::denying(&levels) {
+        if let Some((si, l)) = Engine::denying(&levels) {
             self.counters.bump(Counter::DeniedBehavior);
             let denial = Denial {
                 kind: SubjectKind::ALL[si],
@@ -371,31 +420,28 @@ impl Warden {
             };
             let pending = self
                 .behavior
-                .observe(&subjects, hashes, req, now, rt, [1.0; 3], true);
+                .observe(subjects, hashes, req, now, rt, [1.0; 3], true);
             (Decision::Deny(denial), pending)
         } else {
-            match self.charge(req, &subjects, now, &mult) {
+            match self.charge(req, subjects, now, &mult) {
                 Ok(best) => {
                     let decision = self.admit(req, &handles, now, mult, level, best);
-                    let pressure = pressures(&subjects, now);
+                    let pressure = pressures(subjects, now);
                     let pending = self
                         .behavior
-                        .observe(&subjects, hashes, req, now, rt, pressure, false);
+                        .observe(subjects, hashes, req, now, rt, pressure, false);
                     (decision, pending)
                 }
                 Err(refusal) => {
-                    let denial = self.limit_denial(req, &subjects, now, &mult, level, refusal);
-                    let pressure = pressures(&subjects, now);
+                    let denial = self.limit_denial(req, subjects, now, &mult, level, refusal);
+                    let pressure = pressures(subjects, now);
                     let pending = self
                         .behavior
-                        .observe(&subjects, hashes, req, now, rt, pressure, true);
+                        .observe(subjects, hashes, req, now, rt, pressure, true);
                     (Decision::Deny(denial), pending)
                 }
             }
-        };
-        drop(slots);
-        self.dispatch(pending, req, cluster, now);
-        decision
+        }
     }
 
     /// Classic limits only (no levels, no signals): the lean path.
@@ -963,10 +1009,8 @@ fn pressures(subjects: &Subjects<'_>, now: u64) -> [f32; 3] {
 /// Starts loading a subject's behavioural slot as soon as its entry is found, when the layer
 /// is on (see [`BehaviorSlot::prefetch`]).
 #[inline(always)]
-fn prefetch_behavior(on: bool, entry: &Entry) {
-    if on {
-        if let Some(b) = entry.behavior.as_deref() {
-            b.prefetch();
-        }
+fn prefetch_behavior(entry: &Entry) {
+    if let Some(b) = entry.behavior.as_deref() {
+        b.prefetch();
     }
 }
