@@ -16,7 +16,7 @@ use crate::policy::{compile, Compiled, ConfigError, LimitRt, LimitSet, Policy};
 use crate::request::Request;
 use crate::stats::{Counter, Counters, WardenStats};
 use crate::subject::{IpCluster, SubjectKind};
-use crate::table::{Entry, Id, Namer, PassThrough, Slot, Table};
+use crate::table::{Entry, Id, Namer, PassThrough, ShardRead, Slot, Table};
 
 /// Builds a [`Warden`].
 ///
@@ -267,9 +267,9 @@ impl Warden {
             cl.map(|id| self.clusters.read_shard(id)),
         );
         let subjects: Subjects<'_> = [
-            shards.0.as_ref().and_then(|s| s.find(fast.generation, now)),
-            shards.1.as_ref().and_then(|s| s.find(fast.generation, now)),
-            shards.2.as_ref().and_then(|s| s.find(fast.generation, now)),
+            found(&shards.0, fast, now),
+            found(&shards.1, fast, now),
+            found(&shards.2, fast, now),
         ];
         if subjects[0].is_some() != key.is_some()
             || subjects[1].is_some() != org.is_some()
@@ -281,9 +281,6 @@ impl Warden {
         }
         if !fast.behave {
             return self.check_limits(req, &subjects, &handles, now);
-        }
-        for e in subjects.iter().flatten() {
-            prefetch_behavior(e);
         }
         let (decision, pending) = self.check_behavior(req, now, &subjects, handles);
         drop(shards);
@@ -1004,6 +1001,21 @@ fn pressures(subjects: &Subjects<'_>, now: u64) -> [f32; 3] {
         out[si] = p;
     }
     out
+}
+
+/// The entry in a read-locked shard, if current; with the behavioural layer on, its slot
+/// starts loading at once.
+#[inline(always)]
+fn found<'a>(
+    shard: &'a Option<ShardRead<'_, Id>>,
+    fast: FastPolicy,
+    now: u64,
+) -> Option<&'a Entry> {
+    let e = shard.as_ref()?.find(fast.generation, now)?;
+    if fast.behave {
+        prefetch_behavior(e);
+    }
+    Some(e)
 }
 
 /// Starts loading a subject's behavioural slot as soon as its entry is found, when the layer
