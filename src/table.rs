@@ -474,3 +474,54 @@ impl<K: Eq + Hash + Copy, S: BuildHasher + Clone> Table<K, S> {
         self.overflow.load_full()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{compile, Policy};
+    use crate::subject::SubjectKind;
+
+    /// The batched look-up (`read_shard` then `find`) lands on the entry that
+    /// `get_or_insert_into` made, and on nothing else.
+    #[test]
+    fn read_shard_finds_what_get_or_insert_made() {
+        let compiled = compile(&Policy::llm_api(), 1, 7, None).unwrap();
+        let set = compiled.defaults[SubjectKind::ApiKey.index()].clone();
+        let policy = ArcSwap::from_pointee(compiled);
+        let table = Table::new(
+            10_000,
+            u64::MAX,
+            Entry::new(set.clone(), 0, None),
+            PassThrough,
+        );
+        let namer = Namer::new(Some(3));
+        let ids: Vec<Id> = (0..2_000).map(|i| namer.id(&format!("sk-{i}"))).collect();
+        for &id in &ids {
+            let mut slot = None;
+            table.get_or_insert_into(
+                &mut slot,
+                id,
+                5,
+                1,
+                |_| Entry::new(set.clone(), 5, None),
+                &policy,
+            );
+            assert!(!slot.as_ref().unwrap().is_overflow());
+        }
+        for &id in &ids {
+            let mut slot = None;
+            table.get_or_insert_into(&mut slot, id, 6, 1, |_| unreachable!("known id"), &policy);
+            let via_get: &Entry = slot.as_ref().unwrap();
+            let shard = table.read_shard(id);
+            let found = shard.find(1, 6).expect("tracked and current");
+            assert!(std::ptr::eq(found, via_get));
+            // An entry laid out for generation 1 is stale for a policy of generation 2.
+            assert!(shard.find(2, 6).is_none());
+        }
+        assert!(table
+            .read_shard(namer.id("never seen"))
+            .find(1, 6)
+            .is_none());
+        assert_eq!(table.tracked(), ids.len());
+    }
+}
