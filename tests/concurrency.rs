@@ -260,3 +260,67 @@ fn behaviour_layer_under_threads_and_host_controls_counts_every_check() {
         refused.load(Ordering::Relaxed)
     );
 }
+
+#[test]
+fn lookups_stay_exact_through_new_subjects_a_full_table_evictions_and_policy_swaps() {
+    // Checks find known subjects by read-locking all their shards first, and fall back to a
+    // path that inserts, migrates or overflows. Here the two paths interleave on every thread:
+    // 400 keys against a cap of 64 (so some keys share the overflow entry and idle ones are
+    // evicted), new IP clusters, maintenance, and a thread that swaps between two policies
+    // that differ only in the key limit (so every entry is migrated, while the org's state
+    // carries over). One org's bucket must admit exactly its burst over the whole run, and
+    // every check must be counted once.
+    let policy = |key_rate: u64| {
+        let mut p = bare();
+        p.table.max_subjects = 64;
+        p.table.idle_timeout = ratewarden::Period(std::time::Duration::from_millis(1));
+        p.api_key.insert("rpm".into(), gcra(key_rate, 1, 1_000_000));
+        p.org.insert("rpm".into(), gcra(1, 3600, 300));
+        p.ip_cluster.insert("rpm".into(), gcra(1_000_000, 1, 1_000_000));
+        p
+    };
+    let (w, clock) = warden(policy(1_000_000));
+    const CHECKS: usize = 400;
+    let barrier = Barrier::new(THREADS + 1);
+    let admitted = AtomicU64::new(0);
+    let refused = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (barrier, admitted, refused, w) = (&barrier, &admitted, &refused, &w);
+            s.spawn(move || {
+                barrier.wait();
+                for j in 0..CHECKS {
+                    let key = format!("sk-{}", (t * 131 + j * 7) % 400);
+                    let addr = ip(&format!("10.{}.{}.1", t, j % 50));
+                    match w.check(&Request::new(&key, "shared", addr)) {
+                        Decision::Allow(_) => admitted.fetch_add(1, Ordering::Relaxed),
+                        Decision::Deny(d) => {
+                            assert_eq!(d.reason(), "org:rpm");
+                            refused.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            });
+        }
+        let (barrier, w, clock) = (&barrier, &w, &clock);
+        s.spawn(move || {
+            barrier.wait();
+            for i in 0..100u64 {
+                w.set_policy(policy(1_000_000 + i % 2)).unwrap();
+                clock.advance(std::time::Duration::from_micros(100));
+                if i % 10 == 0 {
+                    w.maintain();
+                }
+            }
+        });
+    });
+    let total = (THREADS * CHECKS) as u64;
+    assert_eq!(admitted.load(Ordering::Relaxed), 300);
+    assert_eq!(refused.load(Ordering::Relaxed), total - 300);
+    let st = w.stats();
+    assert_eq!(st.allowed, 300);
+    assert_eq!(st.denied_rate, total - 300);
+    assert!(st.tracked.iter().all(|&n| n <= 64), "{st:?}");
+    // 400 keys and 400 clusters against a cap of 64: the overflow path ran.
+    assert!(st.overflow_hits > 0, "{st:?}");
+}
