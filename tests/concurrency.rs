@@ -276,7 +276,8 @@ fn lookups_stay_exact_through_new_subjects_a_full_table_evictions_and_policy_swa
         p.table.idle_timeout = ratewarden::Period(std::time::Duration::from_millis(1));
         p.api_key.insert("rpm".into(), gcra(key_rate, 1, 1_000_000));
         p.org.insert("rpm".into(), gcra(1, 3600, 300));
-        p.ip_cluster.insert("rpm".into(), gcra(1_000_000, 1, 1_000_000));
+        p.ip_cluster
+            .insert("rpm".into(), gcra(1_000_000, 1, 1_000_000));
         p
     };
     let (w, clock) = warden(policy(1_000_000));
