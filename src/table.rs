@@ -246,7 +246,7 @@ pub(crate) struct ShardRead<'a, K> {
 
 impl<K: Eq> ShardRead<'_, K> {
     /// The key's entry, if it is tracked and laid out for `generation` or a newer policy
-    /// (touched, as a look-up through [`Table::get_or_insert_into`] would).
+    /// (touched, as a look-up through [`Table::get_or_insert`] would).
     #[inline]
     pub(crate) fn find(&self, generation: u64, now: u64) -> Option<&Entry> {
         let (_, v) = self.guard.get(self.hash, |(k, _)| *k == self.key)?;
@@ -321,41 +321,33 @@ impl<K: Eq + Hash + Copy, S: BuildHasher + Clone> Table<K, S> {
         }
     }
 
-    /// Finds the subject, or inserts it with `make`, and stores its slot in `out` (which is
-    /// `None` on entry). When the table is full even after amortised maintenance, the slot is
-    /// the shared overflow entry instead.
-    ///
-    /// The slot is written where the caller keeps it rather than returned: a check's entry
-    /// guards are written word by word, and moving one afterwards as a 16-byte copy stalled
-    /// on store forwarding (about a tenth of a single-key check's samples in `perf`).
+    /// Finds the subject, or inserts it with `make`. When the table is full even after
+    /// amortised maintenance, returns the shared overflow entry instead. (A check finds known
+    /// subjects through [`read_shard`](Self::read_shard) and comes here only for the others.)
     ///
     /// Concurrency: a shard read lock when the key is known; the shard write lock the first time
-    /// a key is seen. The slot's guard holds the read lock until dropped.
-    #[inline]
-    pub(crate) fn get_or_insert_into<'t>(
-        &'t self,
-        out: &mut Option<Slot<'t, K>>,
+    /// a key is seen. The returned guard holds the read lock until dropped.
+    pub(crate) fn get_or_insert(
+        &self,
         key: K,
         now: u64,
         generation: u64,
         make: impl Fn(&Compiled) -> Entry,
         policy: &ArcSwap<Compiled>,
-    ) {
+    ) -> Slot<'_, K> {
         if let Some(r) = self.map.get(&key) {
             // Entries are never migrated backwards: one laid out by a newer policy than the
             // generation this check read is used as it is.
             if r.set.generation >= generation {
                 r.touch(now);
-                *out = Some(Slot::Mapped(r));
-                return;
+                return Slot::Mapped(r);
             }
             drop(r);
             if let Some(slot) = self.migrate(key, now, &make, policy) {
-                *out = Some(slot);
-                return;
+                return slot;
             }
         }
-        *out = Some(self.insert_slow(key, now, &make, policy));
+        self.insert_slow(key, now, &make, policy)
     }
 
     #[cold]
@@ -482,7 +474,7 @@ mod tests {
     use crate::subject::SubjectKind;
 
     /// The batched look-up (`read_shard` then `find`) lands on the entry that
-    /// `get_or_insert_into` made, and on nothing else.
+    /// `get_or_insert` made, and on nothing else.
     #[test]
     fn read_shard_finds_what_get_or_insert_made() {
         let compiled = compile(&Policy::llm_api(), 1, 7, None).unwrap();
@@ -497,21 +489,12 @@ mod tests {
         let namer = Namer::new(Some(3));
         let ids: Vec<Id> = (0..2_000).map(|i| namer.id(&format!("sk-{i}"))).collect();
         for &id in &ids {
-            let mut slot = None;
-            table.get_or_insert_into(
-                &mut slot,
-                id,
-                5,
-                1,
-                |_| Entry::new(set.clone(), 5, None),
-                &policy,
-            );
-            assert!(!slot.as_ref().unwrap().is_overflow());
+            let slot = table.get_or_insert(id, 5, 1, |_| Entry::new(set.clone(), 5, None), &policy);
+            assert!(!slot.is_overflow());
         }
         for &id in &ids {
-            let mut slot = None;
-            table.get_or_insert_into(&mut slot, id, 6, 1, |_| unreachable!("known id"), &policy);
-            let via_get: &Entry = slot.as_ref().unwrap();
+            let slot = table.get_or_insert(id, 6, 1, |_| unreachable!("known id"), &policy);
+            let via_get: &Entry = &slot;
             let shard = table.read_shard(id);
             let found = shard.find(1, 6).expect("tracked and current");
             assert!(std::ptr::eq(found, via_get));

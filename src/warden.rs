@@ -261,29 +261,27 @@ impl Warden {
         };
         // Then every shard's read lock, then every look-up: no locked instruction sits between
         // two look-ups, so their cache misses overlap (see `Table::read_shard`).
-        let shards = (
-            key.map(|id| self.keys.read_shard(id)),
-            org.map(|id| self.orgs.read_shard(id)),
-            cl.map(|id| self.clusters.read_shard(id)),
-        );
+        let key_shard = key.map(|id| self.keys.read_shard(id));
+        let org_shard = org.map(|id| self.orgs.read_shard(id));
+        let cl_shard = cl.map(|id| self.clusters.read_shard(id));
         let subjects: Subjects<'_> = [
-            found(&shards.0, fast, now),
-            found(&shards.1, fast, now),
-            found(&shards.2, fast, now),
+            found(&key_shard, fast, now),
+            found(&org_shard, fast, now),
+            found(&cl_shard, fast, now),
         ];
         if subjects[0].is_some() != key.is_some()
             || subjects[1].is_some() != org.is_some()
             || subjects[2].is_some() != cl.is_some()
         {
             // A subject seen for the first time, or laid out by an older policy.
-            drop(shards);
+            drop((key_shard, org_shard, cl_shard));
             return self.check_slow(req, now, fast, handles, cluster);
         }
         if !fast.behave {
             return self.check_limits(req, &subjects, &handles, now);
         }
         let (decision, pending) = self.check_behavior(req, now, &subjects, handles);
-        drop(shards);
+        drop((key_shard, org_shard, cl_shard));
         self.dispatch(pending, req, cluster, now);
         decision
     }
@@ -302,11 +300,9 @@ impl Warden {
         cluster: Option<IpCluster>,
     ) -> Decision<'_> {
         let generation = fast.generation;
-        let mut key_slot = None;
-        if let Some(id) = handles.id(0) {
+        let key_slot = handles.id(0).map(|id| {
             let name = req.api_key.filter(|_| !handles.is_anonymous());
-            self.keys.get_or_insert_into(
-                &mut key_slot,
+            self.keys.get_or_insert(
                 id,
                 now,
                 generation,
@@ -318,12 +314,10 @@ impl Warden {
                     self.new_entry(set, pol, now, SubjectKind::ApiKey)
                 },
                 &self.policy,
-            );
-        }
-        let mut org_slot = None;
-        if let (Some(id), Some(o)) = (handles.id(1), req.org) {
-            self.orgs.get_or_insert_into(
-                &mut org_slot,
+            )
+        });
+        let org_slot = handles.id(1).zip(req.org).map(|(id, o)| {
+            self.orgs.get_or_insert(
                 id,
                 now,
                 generation,
@@ -336,20 +330,18 @@ impl Warden {
                     )
                 },
                 &self.policy,
-            );
-        }
-        let mut cl_slot = None;
-        if let (Some(id), Some(c)) = (handles.id(2), cluster) {
+            )
+        });
+        let cl_slot = handles.id(2).zip(cluster).map(|(id, c)| {
             let bits = c.bits();
-            self.clusters.get_or_insert_into(
-                &mut cl_slot,
+            self.clusters.get_or_insert(
                 id,
                 now,
                 generation,
                 |pol| self.new_entry(pol.set_for_cluster(bits), pol, now, SubjectKind::IpCluster),
                 &self.policy,
-            );
-        }
+            )
+        });
         for (i, slot) in [&key_slot, &org_slot, &cl_slot].into_iter().enumerate() {
             if slot.as_ref().is_some_and(Slot::is_overflow) {
                 handles.mark_overflow(i);
@@ -837,18 +829,9 @@ impl Warden {
             (SubjectKind::IpCluster, Handle::Cluster(bits)) => {
                 let id = self.namer.cluster(join(bits));
                 if create {
-                    let mut slot = None;
-                    self.clusters.get_or_insert_into(
-                        &mut slot,
-                        id,
-                        now,
-                        generation,
-                        make,
-                        &self.policy,
-                    );
-                    if let Some(s) = &slot {
-                        f(s);
-                    }
+                    f(&self
+                        .clusters
+                        .get_or_insert(id, now, generation, make, &self.policy));
                 } else if let Some(r) = self.clusters.get(&id) {
                     f(&r);
                 }
@@ -860,11 +843,7 @@ impl Warden {
                     &self.keys
                 };
                 if create {
-                    let mut slot = None;
-                    table.get_or_insert_into(&mut slot, id, now, generation, make, &self.policy);
-                    if let Some(s) = &slot {
-                        f(s);
-                    }
+                    f(&table.get_or_insert(id, now, generation, make, &self.policy));
                 } else if let Some(r) = table.get(&id) {
                     f(&r);
                 }
