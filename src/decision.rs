@@ -315,26 +315,26 @@ impl PermitInner {
         let now = warden.now();
         let charged = self.input_tokens.saturating_add(self.expected_output);
         let actual = self.input_tokens.saturating_add(actual_output);
-        for i in 0..3 {
-            let Some(h) = self.handles.get(i) else {
-                continue;
-            };
-            let m = self.mult[i].max(1);
-            let (extra, refund) = if actual >= charged {
+        let mult = self.mult;
+        let amounts = |i: usize| {
+            let m = mult[i].max(1);
+            if actual >= charged {
                 ((actual - charged).saturating_mul(m), 0)
             } else {
                 (0, (charged - actual).saturating_mul(m))
-            };
-            // A debt is charged even if the subject was evicted meanwhile (it comes back).
-            warden.with_subject(SubjectKind::ALL[i], h, now, extra > 0, |e| {
-                for (l, c) in e.set.limits.iter().zip(e.cells()) {
-                    l.algo.settle(c, now, extra, refund);
-                }
-                if let Some(b) = &e.behavior {
-                    crate::behavior::Engine::settle(b, actual_output, now);
-                }
-            });
-        }
+            }
+        };
+        // A debt is charged even if the subject was evicted meanwhile (it comes back).
+        let create = [0, 1, 2].map(|i| amounts(i).0 > 0);
+        warden.with_subjects(&self.handles, now, create, |i, e| {
+            let (extra, refund) = amounts(i);
+            for (l, c) in e.set.limits.iter().zip(e.cells()) {
+                l.algo.settle(c, now, extra, refund);
+            }
+            if let Some(b) = &e.behavior {
+                crate::behavior::Engine::settle(b, actual_output, now);
+            }
+        });
         self.release(warden, now);
     }
 
@@ -346,19 +346,15 @@ impl PermitInner {
         if !self.holds_slots {
             return;
         }
-        for i in 0..3 {
-            let Some(h) = self.handles.get(i) else {
-                continue;
-            };
-            let m = self.mult[i].max(1);
-            warden.with_subject(SubjectKind::ALL[i], h, now, false, |e| {
-                for (l, c) in e.set.limits.iter().zip(e.cells()) {
-                    if l.algo.unit() == Unit::InFlight {
-                        l.algo.rollback(c, now, m, now);
-                    }
+        let mult = self.mult;
+        warden.with_subjects(&self.handles, now, [false; 3], |i, e| {
+            let m = mult[i].max(1);
+            for (l, c) in e.set.limits.iter().zip(e.cells()) {
+                if l.algo.unit() == Unit::InFlight {
+                    l.algo.rollback(c, now, m, now);
                 }
-            });
-        }
+            }
+        });
     }
 
     pub(crate) fn drop_release(&mut self, warden: &Warden) {

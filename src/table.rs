@@ -245,12 +245,19 @@ pub(crate) struct ShardRead<'a, K> {
 }
 
 impl<K: Eq> ShardRead<'_, K> {
+    /// The key's entry, if it is tracked, whatever policy it was laid out for (as
+    /// [`Table::get`]).
+    #[inline]
+    pub(crate) fn get(&self) -> Option<&Entry> {
+        let (_, v) = self.guard.get(self.hash, |(k, _)| *k == self.key)?;
+        Some(v.get())
+    }
+
     /// The key's entry, if it is tracked and laid out for `generation` or a newer policy
     /// (touched, as a look-up through [`Table::get_or_insert`] would).
     #[inline]
     pub(crate) fn find(&self, generation: u64, now: u64) -> Option<&Entry> {
-        let (_, v) = self.guard.get(self.hash, |(k, _)| *k == self.key)?;
-        let e = v.get();
+        let e = self.get()?;
         if e.set.generation < generation {
             return None;
         }
@@ -306,10 +313,12 @@ impl<K: Eq + Hash + Copy, S: BuildHasher + Clone> Table<K, S> {
 
     /// Read-locks the shard that holds `key`, without looking it up yet.
     ///
-    /// A check locks each of its subjects' shards first and then looks all of them up: a
-    /// locked instruction waits for every load before it, so a look-up placed between two
-    /// lock acquisitions cannot overlap its cache misses with the next one's. Taken in the
-    /// tables' fixed order (keys, orgs, clusters), as every other path does.
+    /// A check locks each of its subjects' shards first and then looks all of them up: on
+    /// x86-64 a locked instruction waits for every load before it, so a look-up placed
+    /// between two lock acquisitions cannot overlap its cache misses with the next one's.
+    /// Callers that hold several must take them in the tables' fixed order (keys, orgs,
+    /// clusters), as every other path does, and must not ask for a write lock while they
+    /// hold one.
     #[inline]
     pub(crate) fn read_shard(&self, key: K) -> ShardRead<'_, K> {
         let hash = self.map.hasher().hash_one(key);
@@ -322,11 +331,13 @@ impl<K: Eq + Hash + Copy, S: BuildHasher + Clone> Table<K, S> {
     }
 
     /// Finds the subject, or inserts it with `make`. When the table is full even after
-    /// amortised maintenance, returns the shared overflow entry instead. (A check finds known
-    /// subjects through [`read_shard`](Self::read_shard) and comes here only for the others.)
+    /// amortised maintenance, returns the shared overflow entry instead. (A check whose
+    /// subjects are all tracked and current finds them through [`read_shard`](Self::read_shard)
+    /// instead; one with a new or stale subject comes here for each of its subjects.)
     ///
     /// Concurrency: a shard read lock when the key is known; the shard write lock the first time
     /// a key is seen. The returned guard holds the read lock until dropped.
+    #[inline]
     pub(crate) fn get_or_insert(
         &self,
         key: K,

@@ -196,8 +196,10 @@ impl Warden {
     /// org, ip cluster), and the behavioural levels. If anything refuses, nothing is charged.
     ///
     /// Concurrency: lock-free on the limit cells (CAS loops); one shard read lock per subject,
-    /// held only during the call; a shard write lock the first time a subject is seen. Hooks
-    /// run after every lock is released.
+    /// held only during the call (all taken before any look-up); a shard write lock the first
+    /// time a subject is seen. A check with a subject that is new, laid out by an older policy
+    /// or in a full table releases those locks and takes each subject's again, one at a time.
+    /// Hooks run after every lock is released.
     ///
     /// # Examples
     ///
@@ -351,6 +353,7 @@ impl Warden {
         if !fast.behave {
             return self.check_limits(req, &subjects, &handles, now);
         }
+        subjects.iter().flatten().for_each(|e| prefetch_behavior(e));
         let (decision, pending) = self.check_behavior(req, now, &subjects, handles);
         drop((key_slot, org_slot, cl_slot));
         self.dispatch(pending, req, cluster, now);
@@ -797,6 +800,63 @@ impl Warden {
         self.policy.load().source.clone()
     }
 
+    /// Runs `f` on each subject of `handles` (its index and entry), as
+    /// [`with_subject`](Self::with_subject) does for one, but finds the tracked ones
+    /// together: every shard's read lock first, then every look-up, then `f` on each, so that
+    /// their cache misses overlap (a permit is settled after the response, when its subjects'
+    /// entries have often left the cache). A subject not found that way (the overflow entry,
+    /// or one evicted or laid out by an older policy meanwhile) goes through `with_subject`
+    /// afterwards, with `create[i]`, once these locks are released.
+    pub(crate) fn with_subjects(
+        &self,
+        handles: &Handles,
+        now: u64,
+        create: [bool; 3],
+        mut f: impl FnMut(usize, &Entry),
+    ) {
+        let generation = FastPolicy::decode(self.fast.load(Ordering::Acquire)).generation;
+        let id = |i: usize| match handles.get(i)? {
+            Handle::Name(id) | Handle::Anonymous(id) => Some(id),
+            Handle::Cluster(bits) => Some(self.namer.cluster(join(bits))),
+            Handle::Overflow => None,
+        };
+        let key_shard = id(0).map(|id| self.keys.read_shard(id));
+        let org_shard = id(1).map(|id| self.orgs.read_shard(id));
+        let cl_shard = id(2).map(|id| self.clusters.read_shard(id));
+        // As `with_subject`: a subject that may be created is touched and must be current
+        // (else it is migrated there); otherwise any tracked entry serves, untouched.
+        fn look<'a>(
+            s: &'a Option<ShardRead<'_, Id>>,
+            create: bool,
+            generation: u64,
+            now: u64,
+        ) -> Option<&'a Entry> {
+            let s = s.as_ref()?;
+            if create {
+                s.find(generation, now)
+            } else {
+                s.get()
+            }
+        }
+        let entries = [
+            look(&key_shard, create[0], generation, now),
+            look(&org_shard, create[1], generation, now),
+            look(&cl_shard, create[2], generation, now),
+        ];
+        for (i, e) in entries.iter().enumerate() {
+            if let Some(e) = e {
+                f(i, e);
+            }
+        }
+        let done = entries.map(|e| e.is_some());
+        drop((key_shard, org_shard, cl_shard));
+        for (i, done) in done.into_iter().enumerate() {
+            if let (false, Some(h)) = (done, handles.get(i)) {
+                self.with_subject(SubjectKind::ALL[i], h, now, create[i], |e| f(i, e));
+            }
+        }
+    }
+
     /// Runs `f` on a subject found by its permit handle. With `create`, a subject that was
     /// evicted meanwhile is inserted afresh (so a settlement debt is never lost).
     pub(crate) fn with_subject(
@@ -983,7 +1043,7 @@ fn pressures(subjects: &Subjects<'_>, now: u64) -> [f32; 3] {
 }
 
 /// The entry in a read-locked shard, if current; with the behavioural layer on, its slot
-/// starts loading at once.
+/// starts loading at once (see [`BehaviorSlot::prefetch`]).
 #[inline(always)]
 fn found<'a>(
     shard: &'a Option<ShardRead<'_, Id>>,
@@ -997,8 +1057,7 @@ fn found<'a>(
     Some(e)
 }
 
-/// Starts loading a subject's behavioural slot as soon as its entry is found, when the layer
-/// is on (see [`BehaviorSlot::prefetch`]).
+/// Starts loading a subject's behavioural slot, if it has one.
 #[inline(always)]
 fn prefetch_behavior(entry: &Entry) {
     if let Some(b) = entry.behavior.as_deref() {
