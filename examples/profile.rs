@@ -1,0 +1,200 @@
+//! A profiling harness for the hot path: small loops that `perf`, `valgrind --tool=callgrind`
+//! and interleaved A/B runs of two builds can measure (`benches/README.md` cites it as "the
+//! profiling harness"). Criterion (`cargo bench`) stays the reference for the reported numbers.
+//!
+//! ```text
+//! cargo run --release --example profile -- MODE [N]
+//! ```
+//!
+//! Modes (N checks, default 300,000):
+//! - `single` / `gov`: N checks of one hot key (one token bucket), ours or governor's; for
+//!   callgrind (instructions per check = the inclusive count of `check_one` or `gov_one` / N).
+//! - `tsingle` / `tgov`: the same, timed in bursts of 10,000; prints the 10th percentile and
+//!   the median ns per check over the bursts.
+//! - `full_off` / `full_on`: check + settle of requests with three subjects (100k keys, 10k
+//!   orgs, 100k IPv4 clusters) and two limits each, behaviour off / on, timed in bursts of
+//!   5,000; prints the 10th percentile and the minimum ns per check (on stderr).
+//! - `full_det`: `full_on` with a `ManualClock` (50 µs per check) and a fixed hashing seed, so
+//!   that callgrind's count repeats to the instruction.
+//! - `lag_off` / `lag_on`: as `full_*`, but each permit is settled 20,000 checks later, as a
+//!   gateway settles after the response, when the subjects' entries have left the cache.
+//! - `key_off` / `key_on`: the `behavior` bench group's case (100k keys, key subject only, a
+//!   token bucket and a token limit), behaviour off / on, timed as `full_*`.
+
+use std::collections::VecDeque;
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+use governor::{Quota, RateLimiter};
+use ratewarden::{Decision, LimitConfig, ManualClock, Period, Policy, Request, Warden};
+
+const IP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 23));
+const LIVE: usize = 100_000;
+
+#[inline(never)]
+fn check_one(w: &Warden, key: &str) -> bool {
+    w.check(&Request::new(black_box(key), "", IP)).is_allowed()
+}
+
+#[inline(never)]
+fn gov_one(g: &governor::DefaultKeyedRateLimiter<String>, key: &String) -> bool {
+    g.check_key(black_box(key)).is_ok()
+}
+
+/// Limits high enough that nothing is ever refused: a request bucket and a token limit.
+fn generous(set: &mut std::collections::BTreeMap<String, LimitConfig>) {
+    let minute = Period(Duration::from_secs(60));
+    set.clear();
+    set.insert(
+        "requests_per_minute".into(),
+        LimitConfig::Gcra {
+            rate: 1 << 30,
+            period: minute,
+            burst: 1 << 30,
+        },
+    );
+    set.insert(
+        "tokens_per_minute".into(),
+        LimitConfig::Tokens {
+            tokens: 1 << 32,
+            period: minute,
+            burst: None,
+        },
+    );
+}
+
+/// Runs `n` iterations of `step` in bursts and returns per-iteration nanoseconds of each burst,
+/// sorted.
+fn bursts(n: usize, burst: usize, mut step: impl FnMut(usize)) -> Vec<f64> {
+    let mut out: Vec<f64> = (0..n / burst)
+        .map(|b| {
+            let t = Instant::now();
+            (b * burst..(b + 1) * burst).for_each(&mut step);
+            t.elapsed().as_nanos() as f64 / burst as f64
+        })
+        .collect();
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+fn main() {
+    let mode = std::env::args().nth(1).unwrap_or_default();
+    let n: usize = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300_000);
+    let key = "sk-proj-0123456789abcdefghijkl".to_string();
+    let mut allowed = 0u64;
+    match mode.as_str() {
+        "single" | "gov" | "tsingle" | "tgov" => {
+            let mut p = Policy::empty();
+            p.behavior.enabled = false;
+            p.api_key.insert(
+                "rps".into(),
+                LimitConfig::Gcra {
+                    rate: 1_000_000_000,
+                    period: Period(Duration::from_secs(1)),
+                    burst: 1_000_000_000,
+                },
+            );
+            let w = Warden::builder().policy(p).build().unwrap();
+            let g = RateLimiter::keyed(
+                Quota::per_second(NonZeroU32::new(1_000_000_000).unwrap())
+                    .allow_burst(NonZeroU32::new(1_000_000_000).unwrap()),
+            );
+            let ours = !mode.ends_with("gov");
+            let one = || {
+                u64::from(if ours {
+                    check_one(&w, &key)
+                } else {
+                    gov_one(&g, &key)
+                })
+            };
+            if mode.starts_with('t') {
+                let b = bursts(n, 10_000, |_| allowed += one());
+                println!("{:.2} {:.2} {allowed}", b[b.len() / 10], b[b.len() / 2]);
+            } else {
+                (0..n).for_each(|_| allowed += one());
+                println!("{allowed}");
+            }
+        }
+        "full_off" | "full_on" | "full_det" | "lag_off" | "lag_on" | "key_off" | "key_on" => {
+            let key_only = mode.starts_with("key");
+            let det = mode == "full_det";
+            let mut p = Policy::llm_api();
+            p.behavior.enabled = mode.ends_with("on") || det;
+            generous(&mut p.api_key);
+            if key_only {
+                p.org.clear();
+                p.ip_cluster.clear();
+            } else {
+                generous(&mut p.org);
+                generous(&mut p.ip_cluster);
+            }
+            let clock = ManualClock::new();
+            let mut b = Warden::builder().policy(p);
+            if det {
+                b = b.clock(clock.clone()).seed(5);
+            }
+            let w = b.build().unwrap();
+            let keys: Vec<String> = (0..LIVE)
+                .map(|i| format!("sk-proj-{:022}", i.wrapping_mul(2_654_435_761)))
+                .collect();
+            let orgs: Vec<String> = (0..LIVE / 10).map(|i| format!("org-{i:08}")).collect();
+            let ips: Vec<IpAddr> = (0..LIVE)
+                .map(|i| IpAddr::V4(Ipv4Addr::from((i as u32).wrapping_mul(2_654_435_761))))
+                .collect();
+            let req = |i: usize| {
+                let r = if key_only {
+                    Request::new(&keys[i], "", IP)
+                } else {
+                    Request::new(&keys[i], &orgs[i / 10], ips[i])
+                };
+                r.input_tokens(400)
+                    .expected_output_tokens(800)
+                    .prompt_fp(i as u64 * 0x9E37_79B9)
+                    .prompt_simhash(i as u64 ^ 0xABCD)
+                    .template_fp(i as u64 % 97)
+            };
+            let tick = || {
+                if det {
+                    clock.advance(Duration::from_micros(50));
+                }
+            };
+            for i in 0..LIVE {
+                tick();
+                if let Decision::Allow(p) = w.check(&req(i)) {
+                    p.settle(700);
+                }
+            }
+            let lag = mode.starts_with("lag");
+            let mut pending = VecDeque::new();
+            let b = bursts(n, 5_000, |j| {
+                let i = j.wrapping_mul(7919) % LIVE;
+                tick();
+                match w.check(&req(i)) {
+                    Decision::Allow(p) if key_only => drop(p),
+                    Decision::Allow(p) if lag => pending.push_back(p),
+                    Decision::Allow(p) => p.settle(black_box(700)),
+                    Decision::Deny(d) => panic!("the harness must not deny: {}", d.reason()),
+                }
+                allowed += 1;
+                if pending.len() > 20_000 {
+                    if let Some(p) = pending.pop_front() {
+                        p.settle(black_box(700));
+                    }
+                }
+            });
+            eprintln!("{:.1} ns/check p10 {:.1} min", b[b.len() / 10], b[0]);
+            println!("{allowed}");
+        }
+        _ => {
+            eprintln!(
+                "usage: profile MODE [N]; modes are listed at the top of examples/profile.rs"
+            );
+            std::process::exit(2);
+        }
+    }
+}
