@@ -275,7 +275,8 @@ impl Warden {
             || subjects[1].is_some() != org.is_some()
             || subjects[2].is_some() != cl.is_some()
         {
-            // A subject seen for the first time, or laid out by an older policy.
+            // A subject seen for the first time, laid out by an older policy, or left out of a
+            // full table (the overflow entry).
             drop((key_shard, org_shard, cl_shard));
             return self.check_slow(req, now, fast, handles, cluster);
         }
