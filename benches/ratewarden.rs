@@ -7,6 +7,8 @@
 mod decimal;
 #[path = "../examples/support/eval.rs"]
 mod eval;
+#[path = "../examples/support/load.rs"]
+mod load;
 #[path = "../examples/support/replay.rs"]
 mod replay;
 #[path = "../examples/support/sim.rs"]
@@ -247,34 +249,6 @@ fn bench_keys(c: &mut Criterion) {
     g.finish();
 }
 
-/// Three subjects, two limits each (the `llm_api` shape, with room so every check allows),
-/// on 100,000 live keys in 10,000 orgs.
-fn full_policy(behavior: bool) -> Policy {
-    let mut p = Policy::llm_api();
-    p.behavior.enabled = behavior;
-    let minute = Period(Duration::from_secs(60));
-    for set in [&mut p.api_key, &mut p.org, &mut p.ip_cluster] {
-        set.clear();
-        set.insert(
-            "requests_per_minute".into(),
-            LimitConfig::Gcra {
-                rate: 1 << 30,
-                period: minute,
-                burst: 1 << 30,
-            },
-        );
-        set.insert(
-            "tokens_per_minute".into(),
-            LimitConfig::Tokens {
-                tokens: 1 << 32,
-                period: minute,
-                burst: None,
-            },
-        );
-    }
-    p
-}
-
 /// Request `i` of the `full` and `behavior` groups: token costs and prompt features.
 fn with_prompt(r: Request<'_>, i: usize) -> Request<'_> {
     r.input_tokens(400)
@@ -303,7 +277,7 @@ fn bench_full(c: &mut Criterion) {
     let ips = v4s(n);
     let ord = order(n);
     for behavior in [false, true] {
-        let w = warden(full_policy(behavior));
+        let w = warden(load::full_policy(behavior));
         let req = |i: usize| with_prompt(Request::new(&keys[i], &orgs[i / 10], ips[i]), i);
         fill(&w, n, req);
         let name = if behavior {
@@ -336,7 +310,7 @@ fn bench_behavior(c: &mut Criterion) {
     let keys = api_keys(n);
     let ord = order(n);
     for behavior in [false, true] {
-        let mut p = full_policy(behavior);
+        let mut p = load::full_policy(behavior);
         p.org.clear();
         p.ip_cluster.clear();
         let w = warden(p);

@@ -28,6 +28,9 @@ use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use governor::{Quota, RateLimiter};
+
+#[path = "support/load.rs"]
+mod load;
 use ratewarden::{Decision, LimitConfig, ManualClock, Period, Policy, Request, Warden};
 
 const IP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 23));
@@ -41,28 +44,6 @@ fn check_one(w: &Warden, key: &str) -> bool {
 #[inline(never)]
 fn gov_one(g: &governor::DefaultKeyedRateLimiter<String>, key: &String) -> bool {
     g.check_key(black_box(key)).is_ok()
-}
-
-/// Limits high enough that nothing is ever refused: a request bucket and a token limit.
-fn generous(set: &mut std::collections::BTreeMap<String, LimitConfig>) {
-    let minute = Period(Duration::from_secs(60));
-    set.clear();
-    set.insert(
-        "requests_per_minute".into(),
-        LimitConfig::Gcra {
-            rate: 1 << 30,
-            period: minute,
-            burst: 1 << 30,
-        },
-    );
-    set.insert(
-        "tokens_per_minute".into(),
-        LimitConfig::Tokens {
-            tokens: 1 << 32,
-            period: minute,
-            burst: None,
-        },
-    );
 }
 
 /// Runs `n` iterations of `step` in bursts and returns per-iteration nanoseconds of each burst,
@@ -123,15 +104,10 @@ fn main() {
         "full_off" | "full_on" | "full_det" | "lag_off" | "lag_on" | "key_off" | "key_on" => {
             let key_only = mode.starts_with("key");
             let det = mode == "full_det";
-            let mut p = Policy::llm_api();
-            p.behavior.enabled = mode.ends_with("on") || det;
-            generous(&mut p.api_key);
+            let mut p = load::full_policy(mode.ends_with("on") || det);
             if key_only {
                 p.org.clear();
                 p.ip_cluster.clear();
-            } else {
-                generous(&mut p.org);
-                generous(&mut p.ip_cluster);
             }
             let clock = ManualClock::new();
             let mut b = Warden::builder().policy(p);
