@@ -299,29 +299,36 @@ fn bench_full(c: &mut Criterion) {
     g.finish();
 }
 
-/// What `check` adds with the behavioural layer on: 100,000 live API keys (only the key
-/// subject tracked, a token bucket and a token limit), each request carrying prompt features,
-/// behaviour off against on. The permit is dropped unsettled, so this is the check alone.
+/// What `check` adds with the behavioural layer on: 100,000 live API keys, each from its own
+/// IPv4 address, with limits (a token bucket and a token limit) on the key only, each request
+/// carrying prompt features, behaviour off against on. The behavioural layer tracks every
+/// subject kind, so "on" also keeps the state of each key's IP cluster (no org: the requests
+/// carry none). The permit is dropped unsettled, so this is the check alone. Every check must
+/// be allowed: a refusal would time the denial path instead.
 fn bench_behavior(c: &mut Criterion) {
     let mut g = c.benchmark_group("behavior");
     g.throughput(Throughput::Elements(1));
     g.sample_size(30);
     let n = 100_000;
     let keys = api_keys(n);
+    let ips = v4s(n);
     let ord = order(n);
     for behavior in [false, true] {
         let mut p = load::full_policy(behavior);
         p.org.clear();
         p.ip_cluster.clear();
         let w = warden(p);
-        let req = |i: usize| with_prompt(Request::new(&keys[i], "", IP), i);
+        let req = |i: usize| with_prompt(Request::new(&keys[i], "", ips[i]), i);
         fill(&w, n, req);
         let name = if behavior { "on" } else { "off" };
         let mut i = 0usize;
         g.bench_function(format!("ratewarden/100k_keys/{name}"), |b| {
             b.iter(|| {
                 i = (i + 1) % n;
-                black_box(w.check(&req(ord[i] as usize)).is_allowed())
+                match w.check(&req(ord[i] as usize)) {
+                    Decision::Allow(p) => drop(black_box(p)),
+                    Decision::Deny(d) => panic!("bench must not deny: {}", d.reason()),
+                }
             })
         });
     }

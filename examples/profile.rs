@@ -18,8 +18,11 @@
 //!   that callgrind's count repeats to the instruction.
 //! - `lag_off` / `lag_on`: as `full_*`, but each permit is settled 20,000 checks later, as a
 //!   gateway settles after the response, when the subjects' entries have left the cache.
-//! - `key_off` / `key_on`: the `behavior` bench group's case (100k keys, key subject only, a
-//!   token bucket and a token limit), behaviour off / on, timed as `full_*`.
+//! - `key_off` / `key_on`: the `behavior` bench group's case (100k keys, each from its own
+//!   IPv4 address, limits on the key only: a token bucket and a token limit), behaviour off /
+//!   on, timed as `full_*`.
+//! - `key_det`: `key_on` with a `ManualClock` (1 us per check) and `full_det`'s seed, for
+//!   callgrind.
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -101,9 +104,10 @@ fn main() {
                 println!("{allowed}");
             }
         }
-        "full_off" | "full_on" | "full_det" | "lag_off" | "lag_on" | "key_off" | "key_on" => {
+        "full_off" | "full_on" | "full_det" | "lag_off" | "lag_on" | "key_off" | "key_on"
+        | "key_det" => {
             let key_only = mode.starts_with("key");
-            let det = mode == "full_det";
+            let det = mode.ends_with("det");
             let mut p = load::full_policy(mode.ends_with("on") || det);
             if key_only {
                 p.org.clear();
@@ -124,7 +128,7 @@ fn main() {
                 .collect();
             let req = |i: usize| {
                 let r = if key_only {
-                    Request::new(&keys[i], "", IP)
+                    Request::new(&keys[i], "", ips[i])
                 } else {
                     Request::new(&keys[i], &orgs[i / 10], ips[i])
                 };
@@ -134,9 +138,11 @@ fn main() {
                     .prompt_simhash(i as u64 ^ 0xABCD)
                     .template_fp(i as u64 % 97)
             };
+            // About the real pace of the loop.
+            let step = Duration::from_micros(if key_only { 1 } else { 50 });
             let tick = || {
                 if det {
-                    clock.advance(Duration::from_micros(50));
+                    clock.advance(step);
                 }
             };
             for i in 0..LIVE {
