@@ -23,6 +23,10 @@
 //!   on, timed as `full_*`.
 //! - `key_det`: `key_on` with a `ManualClock` (1 us per check) and `full_det`'s seed, for
 //!   callgrind.
+//! - `ev_full` / `ev_one_address`: N checks of the `full` case, or of the `behavior` case as
+//!   it was before the ninth session (every key from one address), on a `ManualClock` at
+//!   1.5 us per check with `full_det`'s seed; prints the first denial and the level changes
+//!   (events drained every 1,000 checks) with their counts. Not timed.
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -61,6 +65,44 @@ fn bursts(n: usize, burst: usize, mut step: impl FnMut(usize)) -> Vec<f64> {
         .collect();
     out.sort_by(f64::total_cmp);
     out
+}
+
+/// Runs `n` checks (`check(j)` for the `j`-th) and prints the first denial and every level
+/// change by subject kind, levels and reasons, with counts.
+fn tally_events<'w>(w: &'w Warden, n: usize, mut check: impl FnMut(usize) -> Decision<'w>) {
+    let mut denied = 0u64;
+    let mut first = None;
+    let mut seen = std::collections::BTreeMap::<String, u64>::new();
+    let drain = |seen: &mut std::collections::BTreeMap<String, u64>| {
+        for e in w.drain_events() {
+            let reasons: Vec<&str> = e.reasons.iter().map(|r| &*r.detector).collect();
+            let k = format!(
+                "{:?} {:?} -> {:?} {reasons:?}",
+                e.subject_kind, e.from, e.to
+            );
+            *seen.entry(k).or_default() += 1;
+        }
+    };
+    for j in 0..n {
+        match check(j) {
+            Decision::Allow(p) => p.settle(700),
+            Decision::Deny(d) => {
+                denied += 1;
+                first.get_or_insert((j, d.reason().to_string()));
+            }
+        }
+        if j % 1_000 == 0 {
+            drain(&mut seen);
+        }
+    }
+    drain(&mut seen);
+    println!(
+        "{n} checks, {denied} denied; first denial: {first:?}; events dropped: {}",
+        w.stats().events_dropped
+    );
+    for (k, c) in seen {
+        println!("{c:>9}  {k}");
+    }
 }
 
 fn main() {
@@ -105,9 +147,11 @@ fn main() {
             }
         }
         "full_off" | "full_on" | "full_det" | "lag_off" | "lag_on" | "key_off" | "key_on"
-        | "key_det" => {
-            let key_only = mode.starts_with("key");
-            let det = mode.ends_with("det");
+        | "key_det" | "ev_one_address" | "ev_full" => {
+            let events = mode.starts_with("ev_");
+            let one_address = mode == "ev_one_address";
+            let key_only = mode.starts_with("key") || one_address;
+            let det = mode.ends_with("det") || events;
             let mut p = load::full_policy(mode.ends_with("on") || det);
             if key_only {
                 p.org.clear();
@@ -127,7 +171,9 @@ fn main() {
                 .map(|i| IpAddr::V4(Ipv4Addr::from((i as u32).wrapping_mul(2_654_435_761))))
                 .collect();
             let req = |i: usize| {
-                let r = if key_only {
+                let r = if one_address {
+                    Request::new(&keys[i], "", IP)
+                } else if key_only {
                     Request::new(&keys[i], "", ips[i])
                 } else {
                     Request::new(&keys[i], &orgs[i / 10], ips[i])
@@ -138,8 +184,14 @@ fn main() {
                     .prompt_simhash(i as u64 ^ 0xABCD)
                     .template_fp(i as u64 % 97)
             };
-            // About the real pace of the loop.
-            let step = Duration::from_micros(if key_only { 1 } else { 50 });
+            // `key_det` and the event modes step at about the real pace of the `behavior` and
+            // `full` benches' loops; `full_det` keeps 50 us so that its counts stay comparable
+            // with earlier sessions'.
+            let step = Duration::from_nanos(match (events, key_only) {
+                (true, _) => 1_500,
+                (false, true) => 1_000,
+                (false, false) => 50_000,
+            });
             let tick = || {
                 if det {
                     clock.advance(step);
@@ -150,6 +202,13 @@ fn main() {
                 if let Decision::Allow(p) = w.check(&req(i)) {
                     p.settle(700);
                 }
+            }
+            if events {
+                tally_events(&w, n, |j| {
+                    tick();
+                    w.check(&req(j.wrapping_mul(7919) % LIVE))
+                });
+                return;
             }
             let lag = mode.starts_with("lag");
             let mut pending = VecDeque::new();
