@@ -23,10 +23,11 @@
 //!   on, timed as `full_*`.
 //! - `key_det`: `key_on` with a `ManualClock` (1 us per check) and `full_det`'s seed, for
 //!   callgrind.
-//! - `ev_full` / `ev_one_address`: N checks of the `full` case, or of the `behavior` case as
-//!   it was before the ninth session (every key from one address), on a `ManualClock` at
-//!   1.5 us per check with `full_det`'s seed; prints the first denial and the level changes
-//!   (events drained every 1,000 checks) with their counts. Not timed.
+//! - `ev_full` / `ev_key` / `ev_one_address`: N checks of the `full` case, of the `behavior`
+//!   case (`key_*`), or of the `behavior` case as it was before the ninth session (every key
+//!   from one address), on a `ManualClock` at 1.5 us per check with `full_det`'s seed; prints
+//!   the first denial and the level changes (events drained every 1,000 checks) with their
+//!   counts. Not timed.
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -147,10 +148,10 @@ fn main() {
             }
         }
         "full_off" | "full_on" | "full_det" | "lag_off" | "lag_on" | "key_off" | "key_on"
-        | "key_det" | "ev_one_address" | "ev_full" => {
+        | "key_det" | "ev_full" | "ev_key" | "ev_one_address" => {
             let events = mode.starts_with("ev_");
             let one_address = mode == "ev_one_address";
-            let key_only = mode.starts_with("key") || one_address;
+            let key_only = mode.starts_with("key") || mode == "ev_key" || one_address;
             let det = mode.ends_with("det") || events;
             let mut p = load::full_policy(mode.ends_with("on") || det);
             if key_only {
@@ -181,7 +182,12 @@ fn main() {
                 r.input_tokens(400)
                     .expected_output_tokens(800)
                     .prompt_fp(i as u64 * 0x9E37_79B9)
-                    .prompt_simhash(i as u64 ^ 0xABCD)
+                    .prompt_simhash(if one_address {
+                        // The old `behavior` case's SimHashes, all within a few bits.
+                        i as u64 ^ 0xABCD
+                    } else {
+                        (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    })
                     .template_fp(i as u64 % 97)
             };
             // `key_det` and the event modes step at about the real pace of the `behavior` and
