@@ -69,8 +69,14 @@ fn bursts(n: usize, burst: usize, mut step: impl FnMut(usize)) -> Vec<f64> {
 }
 
 /// Runs `n` checks (`check(j)` for the `j`-th) and prints the first denial and every level
-/// change by subject kind, levels and reasons, with counts.
-fn tally_events<'w>(w: &'w Warden, n: usize, mut check: impl FnMut(usize) -> Decision<'w>) {
+/// change by subject kind, levels and reasons, with counts. Permits are settled, as `full`
+/// settles them, or dropped unsettled, as `behavior` drops them.
+fn tally_events<'w>(
+    w: &'w Warden,
+    n: usize,
+    settle: bool,
+    mut check: impl FnMut(usize) -> Decision<'w>,
+) {
     let mut denied = 0u64;
     let mut first = None;
     let mut seen = std::collections::BTreeMap::<String, u64>::new();
@@ -86,7 +92,8 @@ fn tally_events<'w>(w: &'w Warden, n: usize, mut check: impl FnMut(usize) -> Dec
     };
     for j in 0..n {
         match check(j) {
-            Decision::Allow(p) => p.settle(700),
+            Decision::Allow(p) if settle => p.settle(700),
+            Decision::Allow(p) => drop(p),
             Decision::Deny(d) => {
                 denied += 1;
                 first.get_or_insert((j, d.reason().to_string()));
@@ -210,7 +217,7 @@ fn main() {
                 }
             }
             if events {
-                tally_events(&w, n, |j| {
+                tally_events(&w, n, !key_only, |j| {
                     tick();
                     w.check(&req(j.wrapping_mul(7919) % LIVE))
                 });
