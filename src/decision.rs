@@ -267,6 +267,14 @@ impl Handles {
         (self.present & (1 << i) != 0).then_some(Id(self.ids[i]))
     }
 
+    /// Subject `i`'s id in its table: [`id`](Self::id), unless the subject was charged to its
+    /// table's overflow entry. (A cluster's id is the one `set_cluster` stored, so it need not
+    /// be hashed again from the cluster's bits.)
+    #[inline]
+    pub(crate) fn table_id(&self, i: usize) -> Option<Id> {
+        self.id(i).filter(|_| self.overflow & (1 << i) == 0)
+    }
+
     /// The key subject is its cluster's anonymous key.
     #[inline]
     pub(crate) fn is_anonymous(&self) -> bool {

@@ -816,14 +816,9 @@ impl Warden {
         mut f: impl FnMut(usize, &Entry),
     ) {
         let generation = FastPolicy::decode(self.fast.load(Ordering::Acquire)).generation;
-        let id = |i: usize| match handles.get(i)? {
-            Handle::Name(id) | Handle::Anonymous(id) => Some(id),
-            Handle::Cluster(bits) => Some(self.namer.cluster(join(bits))),
-            Handle::Overflow => None,
-        };
-        let key_shard = id(0).map(|id| self.keys.read_shard(id));
-        let org_shard = id(1).map(|id| self.orgs.read_shard(id));
-        let cl_shard = id(2).map(|id| self.clusters.read_shard(id));
+        let key_shard = handles.table_id(0).map(|id| self.keys.read_shard(id));
+        let org_shard = handles.table_id(1).map(|id| self.orgs.read_shard(id));
+        let cl_shard = handles.table_id(2).map(|id| self.clusters.read_shard(id));
         // As `with_subject`: a subject that may be created is touched and must be current
         // (else it is migrated there); otherwise any tracked entry serves, untouched.
         fn look<'a>(
