@@ -946,213 +946,92 @@ impl LevelsPolicy {
     }
 }
 
+/// Validates the fields of one detector's policy. Each rule names its fields once, so the path
+/// in an error is always the field's own name. `weight` (finite, >= 0) comes first, then the
+/// rules in order: `count(f)` (at most 65,535: window counts are 16-bit), `unit(f)` (in
+/// [0, 1]), `ramp(min, full)` (both finite and >= 0, full > min), `unit_ramp(min, full)` (a
+/// ramp within [0, 1]) and `extreme(v, full)` (0, or above full).
+macro_rules! detector {
+    ($path:expr, $d:expr, $name:literal { $($rule:ident($($f:ident),+)),* $(,)? }) => {{
+        let d = $d;
+        let p = format!("{}.{}", $path, $name);
+        finite_nonneg(&p, "weight", d.weight)?;
+        $( detector!(@rule p, d, $rule($($f),+)); )*
+    }};
+    (@rule $p:ident, $d:ident, count($f:ident)) => {
+        if $d.$f > u32::from(u16::MAX) {
+            return Err(invalid(&$p, stringify!($f), "must be at most 65535"));
+        }
+    };
+    (@rule $p:ident, $d:ident, unit($f:ident)) => {
+        unit(&$p, stringify!($f), $d.$f)?
+    };
+    (@rule $p:ident, $d:ident, ramp($min:ident, $full:ident)) => {
+        ramp(&$p, stringify!($min), $d.$min, stringify!($full), $d.$full)?
+    };
+    (@rule $p:ident, $d:ident, unit_ramp($min:ident, $full:ident)) => {
+        unit_ramp(&$p, stringify!($min), $d.$min, stringify!($full), $d.$full)?
+    };
+    (@rule $p:ident, $d:ident, extreme($v:ident, $full:ident)) => {
+        extreme(&$p, stringify!($v), $d.$full, $d.$v, stringify!($full))?
+    };
+}
+
 impl DetectorsPolicy {
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
-        let d = &self.output_volume;
-        let p = format!("{path}.output_volume");
-        finite_nonneg(&p, "weight", d.weight)?;
-        ramp(
-            &p,
-            "min_tokens_per_min",
-            d.min_tokens_per_min,
-            "full_tokens_per_min",
-            d.full_tokens_per_min,
-        )?;
-        extreme(
-            &p,
-            "extreme_tokens_per_min",
-            d.full_tokens_per_min,
-            d.extreme_tokens_per_min,
-            "full_tokens_per_min",
-        )?;
-        ramp(
-            &p,
-            "group_min_tokens_per_min",
-            d.group_min_tokens_per_min,
-            "group_full_tokens_per_min",
-            d.group_full_tokens_per_min,
-        )?;
-        extreme(
-            &p,
-            "group_extreme_tokens_per_min",
-            d.group_full_tokens_per_min,
-            d.group_extreme_tokens_per_min,
-            "group_full_tokens_per_min",
-        )?;
-        ramp(
-            &p,
-            "group_min_tokens_per_key",
-            d.group_min_tokens_per_key,
-            "group_full_tokens_per_key",
-            d.group_full_tokens_per_key,
-        )?;
-        ramp(
-            &p,
-            "min_output_ratio",
-            d.min_output_ratio,
-            "full_output_ratio",
-            d.full_output_ratio,
-        )?;
-        unit_ramp(
-            &p,
-            "min_distinct",
-            d.min_distinct,
-            "full_distinct",
-            d.full_distinct,
-        )?;
-
-        let d = &self.logprob_harvest;
-        let p = format!("{path}.logprob_harvest");
-        finite_nonneg(&p, "weight", d.weight)?;
-        unit_ramp(&p, "min_share", d.min_share, "full_share", d.full_share)?;
-        ramp(
-            &p,
-            "min_per_min",
-            d.min_per_min,
-            "full_per_min",
-            d.full_per_min,
-        )?;
-        extreme(
-            &p,
-            "extreme_per_min",
-            d.full_per_min,
-            d.extreme_per_min,
-            "full_per_min",
-        )?;
-        ramp(
-            &p,
-            "min_templates",
-            d.min_templates,
-            "full_templates",
-            d.full_templates,
-        )?;
-        ramp(
-            &p,
-            "min_recent_families",
-            d.min_recent_families,
-            "full_recent_families",
-            d.full_recent_families,
-        )?;
-
-        let d = &self.template_sweep;
-        let p = format!("{path}.template_sweep");
-        finite_nonneg(&p, "weight", d.weight)?;
-        unit_ramp(&p, "min_share", d.min_share, "full_share", d.full_share)?;
-        unit_ramp(
-            &p,
-            "min_distinct",
-            d.min_distinct,
-            "full_distinct",
-            d.full_distinct,
-        )?;
-        unit(&p, "org_weight", d.org_weight)?;
-        ramp(
-            &p,
-            "org_min_ratio",
-            d.org_min_ratio,
-            "org_full_ratio",
-            d.org_full_ratio,
-        )?;
-
-        let d = &self.prompt_diversity;
-        let p = format!("{path}.prompt_diversity");
-        finite_nonneg(&p, "weight", d.weight)?;
-        ramp(
-            &p,
-            "min_templates",
-            d.min_templates,
-            "full_templates",
-            d.full_templates,
-        )?;
-        ramp(
-            &p,
-            "min_recent_families",
-            d.min_recent_families,
-            "full_recent_families",
-            d.full_recent_families,
-        )?;
-        unit_ramp(
-            &p,
-            "min_distinct",
-            d.min_distinct,
-            "full_distinct",
-            d.full_distinct,
-        )?;
-
-        let d = &self.ip_spread;
-        let p = format!("{path}.ip_spread");
-        finite_nonneg(&p, "weight", d.weight)?;
-        ramp(
-            &p,
-            "min_clusters",
-            d.min_clusters,
-            "full_clusters",
-            d.full_clusters,
-        )?;
-        unit(&p, "full_share", d.full_share)?;
-
-        let d = &self.template_spread;
-        let p = format!("{path}.template_spread");
-        finite_nonneg(&p, "weight", d.weight)?;
-        if d.min_subject_requests > u32::from(u16::MAX) {
-            return Err(invalid(&p, "min_subject_requests", "must be at most 65535"));
-        }
-        ramp(&p, "min_orgs", d.min_orgs, "full_orgs", d.full_orgs)?;
-        ramp(
-            &p,
-            "min_tokens_per_min",
-            d.min_tokens_per_min,
-            "full_tokens_per_min",
-            d.full_tokens_per_min,
-        )?;
-        ramp(
-            &p,
-            "min_tokens_per_org",
-            d.min_tokens_per_org,
-            "full_tokens_per_org",
-            d.full_tokens_per_org,
-        )?;
-        unit(&p, "min_subject_share", d.min_subject_share)?;
-
-        let d = &self.key_fanout;
-        let p = format!("{path}.key_fanout");
-        finite_nonneg(&p, "weight", d.weight)?;
-        ramp(
-            &p,
-            "org_min_keys",
-            d.org_min_keys,
-            "org_full_keys",
-            d.org_full_keys,
-        )?;
-        ramp(
-            &p,
-            "cluster_min_keys",
-            d.cluster_min_keys,
-            "cluster_full_keys",
-            d.cluster_full_keys,
-        )?;
-
-        let d = &self.key_churn;
-        let p = format!("{path}.key_churn");
-        finite_nonneg(&p, "weight", d.weight)?;
-        ramp(
-            &p,
-            "min_new_keys",
-            d.min_new_keys,
-            "full_new_keys",
-            d.full_new_keys,
-        )?;
-
-        let d = &self.regular_timing;
-        let p = format!("{path}.regular_timing");
-        finite_nonneg(&p, "weight", d.weight)?;
-        ramp(&p, "full_cv", d.full_cv, "max_cv", d.max_cv)?;
-
-        let d = &self.pinned;
-        let p = format!("{path}.pinned");
-        finite_nonneg(&p, "weight", d.weight)?;
-        unit(&p, "pressure", d.pressure)?;
-        unit_ramp(&p, "min_share", d.min_share, "full_share", d.full_share)
+        detector!(path, &self.output_volume, "output_volume" {
+            ramp(min_tokens_per_min, full_tokens_per_min),
+            extreme(extreme_tokens_per_min, full_tokens_per_min),
+            ramp(group_min_tokens_per_min, group_full_tokens_per_min),
+            extreme(group_extreme_tokens_per_min, group_full_tokens_per_min),
+            ramp(group_min_tokens_per_key, group_full_tokens_per_key),
+            ramp(min_output_ratio, full_output_ratio),
+            unit_ramp(min_distinct, full_distinct),
+        });
+        detector!(path, &self.logprob_harvest, "logprob_harvest" {
+            unit_ramp(min_share, full_share),
+            ramp(min_per_min, full_per_min),
+            extreme(extreme_per_min, full_per_min),
+            ramp(min_templates, full_templates),
+            ramp(min_recent_families, full_recent_families),
+        });
+        detector!(path, &self.template_sweep, "template_sweep" {
+            unit_ramp(min_share, full_share),
+            unit_ramp(min_distinct, full_distinct),
+            unit(org_weight),
+            ramp(org_min_ratio, org_full_ratio),
+        });
+        detector!(path, &self.prompt_diversity, "prompt_diversity" {
+            ramp(min_templates, full_templates),
+            ramp(min_recent_families, full_recent_families),
+            unit_ramp(min_distinct, full_distinct),
+        });
+        detector!(path, &self.ip_spread, "ip_spread" {
+            ramp(min_clusters, full_clusters),
+            unit(full_share),
+        });
+        detector!(path, &self.template_spread, "template_spread" {
+            count(min_subject_requests),
+            ramp(min_orgs, full_orgs),
+            ramp(min_tokens_per_min, full_tokens_per_min),
+            ramp(min_tokens_per_org, full_tokens_per_org),
+            unit(min_subject_share),
+        });
+        detector!(path, &self.key_fanout, "key_fanout" {
+            ramp(org_min_keys, org_full_keys),
+            ramp(cluster_min_keys, cluster_full_keys),
+        });
+        detector!(path, &self.key_churn, "key_churn" {
+            ramp(min_new_keys, full_new_keys),
+        });
+        detector!(path, &self.regular_timing, "regular_timing" {
+            ramp(full_cv, max_cv),
+        });
+        detector!(path, &self.pinned, "pinned" {
+            unit(pressure),
+            unit_ramp(min_share, full_share),
+        });
+        Ok(())
     }
 }
 
@@ -1288,6 +1167,34 @@ mod tests {
         assert!(
             matches!(err, ConfigError::Invalid { ref path, .. } if path == "b.detectors.pinned.min_share")
         );
+
+        // One broken field per kind of rule, in several detectors: each error names it.
+        let rules: [(&str, Set); 5] = [
+            ("b.detectors.output_volume.extreme_tokens_per_min", |p| {
+                p.detectors.output_volume.extreme_tokens_per_min = 1.0
+            }),
+            ("b.detectors.logprob_harvest.full_templates", |p| {
+                p.detectors.logprob_harvest.full_templates = 0.0
+            }),
+            ("b.detectors.key_churn.full_new_keys", |p| {
+                p.detectors.key_churn.full_new_keys = p.detectors.key_churn.min_new_keys
+            }),
+            ("b.detectors.regular_timing.weight", |p| {
+                p.detectors.regular_timing.weight = -1.0
+            }),
+            ("b.detectors.prompt_diversity.min_distinct", |p| {
+                p.detectors.prompt_diversity.min_distinct = 2.0
+            }),
+        ];
+        for (field, set) in rules {
+            let mut p = BehaviorPolicy::default();
+            set(&mut p);
+            let err = p.validate("b").unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Invalid { ref path, .. } if path == field),
+                "{field}: {err:?}"
+            );
+        }
 
         let mut p = BehaviorPolicy::default();
         p.detectors.ip_spread.full_share = 1.5;
