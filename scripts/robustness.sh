@@ -6,6 +6,7 @@
 #   bash scripts/robustness.sh            # all variants, seeds 1 2 3
 #   SEEDS="1" bash scripts/robustness.sh  # one seed
 #   PROBES=1 bash scripts/robustness.sh   # the probes below instead (needs python3)
+#   MATCH=rotated PROBES=1 bash scripts/robustness.sh   # only the runs whose name has "rotated"
 #
 # A variant is "name|simulate flags", or "name|simulate flags|reshape.py flags" for a probe
 # whose trace is reshaped after simulation (attack shapes the simulator does not generate).
@@ -52,6 +53,19 @@ probes=(
     # their documents instead of classifying them: output as long as the input, or 1.2x.
     "B2 writing what it reads||--scenarios B2 --output-ratio 1.0"
     "B2 writing 1.2x what it reads||--scenarios B2 --output-ratio 1.2"
+    # Campaigns that throw each key away after a number of its requests (new keys in the
+    # same orgs), before it has built up much evidence of its own.
+    "attack keys rotated every 100||--scenarios E1,E2,E3,E4,E5,E6 --rotate-keys 100"
+    "attack keys rotated every 20||--scenarios E1,E2,E3,E4,E5,E6 --rotate-keys 20"
+    # A host that computes no prompt features: metadata only (tokens, timing, addresses);
+    # with the benign stress variants, and with slower attacks.
+    "no prompt features at all||--scenarios all --no-features"
+    "no features, enterprise keys x3|--actors B3=120|--scenarios all --no-features"
+    "no features, enterprise at 55/min|--rate B3=55|--scenarios all --no-features"
+    "no features, batch classifiers x5|--actors B2=30|--scenarios all --no-features"
+    "no features, NAT accounts x3|--actors B4=1800|--scenarios all --no-features"
+    "no features, CI bots x10|--actors B5=60|--scenarios all --no-features"
+    "no features, attacks at half rate|--rate $(rates 0.5)|--scenarios all --no-features"
 )
 if [ -n "${PROBES:-}" ]; then
     variants=("${probes[@]}")
@@ -69,6 +83,9 @@ run() { # what, command...: runs it, and on failure says which run and shows its
 
 for v in "${variants[@]}"; do
     IFS='|' read -r name flags reshape <<< "$v"
+    if [ -n "${MATCH:-}" ] && [[ $name != *"$MATCH"* ]]; then
+        continue
+    fi
     for seed in ${SEEDS:-1 2 3}; do
         # shellcheck disable=SC2086
         run simulate "$bin/simulate" --quiet --seed "$seed" --duration-min 60 $flags \
@@ -96,7 +113,7 @@ for v in "${variants[@]}"; do
             reshaped=$(sed -n 's/.*--scenarios \([^ ]*\).*/\1/p' <<< "$reshape")
             awk -v list="$reshaped" '
                 BEGIN { n = split(list, s, ","); for (i = 1; i <= n; i++) want[s[i]] = 1 }
-                ($1 in want) {
+                ($1 in want) || ("all" in want && $1 ~ /^[BE][0-9]+$/) {
                     sub(/,$/, "", $8)
                     printf "%-28s         %s denied %s%%, escalated %s\n", "", $1, $5, $8
                 }' "$tmp/eval.txt"

@@ -75,6 +75,47 @@ fn public_mix_meets_the_bars_other_seed() {
     check_bars(2);
 }
 
+/// A host that sends no prompt features (no fingerprint, SimHash or template): the coverage
+/// class cannot be observed, so subjects need one evidence class fewer
+/// (`levels.featureless_min_evidence_classes`). On the public mix with every feature removed,
+/// no benign request is denied and no benign actor escalated, and E1 (one key pinned at its
+/// limit with long answers) is still throttled on its volume. The coordinated campaigns are
+/// mostly missed without features (see the README's probes), so there is no yield bar here.
+#[test]
+fn without_prompt_features_benign_stays_clean_and_a_pinned_key_is_caught() {
+    let cfg = sim::SimConfig::public_mix(1, MINUTES * 60_000);
+    let mut records = sim::generate(&cfg);
+    for (r, _) in &mut records {
+        r.prompt_fp = None;
+        r.prompt_simhash = None;
+        r.template_fp = None;
+    }
+    let run = pipeline::run_records(&records, cfg.seed, Policy::llm_api(), Default::default())
+        .expect("pipeline runs");
+    let report = &run.report;
+    println!("seed 1 without prompt features:\n{report}");
+    let s = &report.summary;
+    assert_eq!(s.benign_denied_pct(), 0.0, "benign requests denied");
+    assert!(
+        s.benign_escalated.is_empty(),
+        "benign actors escalated: {:?}",
+        s.benign_escalated
+    );
+    let e1 = report
+        .rows
+        .iter()
+        .find(|r| r.scenario == "E1")
+        .expect("E1 is in the mix");
+    assert!(
+        e1.escalated_actors == e1.actors && e1.actors > 0,
+        "E1: {} of {} actors escalated",
+        e1.escalated_actors,
+        e1.actors
+    );
+    let reduction = s.attack_yield_reduction.expect("a limits-only baseline");
+    assert!(reduction > 0.1, "attack yield reduced by {reduction}");
+}
+
 /// The org context of `template_sweep`, end to end through a warden: the same service key
 /// (one template, every prompt new, ~780-token answers to ~330-token prompts, 34 requests a
 /// minute: output volume at about half strength) is throttled when the rest of its org does

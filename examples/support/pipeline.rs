@@ -71,11 +71,21 @@ pub struct Run {
 pub fn run(cfg: &SimConfig, policy: Policy) -> Result<Run, String> {
     let t = Instant::now();
     let records = sim::generate(cfg);
-    let simulate = t.elapsed();
+    run_records(&records, cfg.seed, policy, t.elapsed())
+}
+
+/// [`run`] on records already simulated (and perhaps reshaped), with wardens seeded by `seed`;
+/// `simulate` is how long the simulation took, for the report.
+pub fn run_records(
+    records: &[(TraceRecord, sim::TruthRecord)],
+    seed: u64,
+    policy: Policy,
+    simulate: Duration,
+) -> Result<Run, String> {
     let mut limits = policy.clone();
     limits.behavior.enabled = false;
-    let (base, limits_only) = run_policy(&records, limits, cfg.seed);
-    let (dec, with_behavior) = run_policy(&records, policy, cfg.seed);
+    let (base, limits_only) = run_policy(records, limits, seed);
+    let (dec, with_behavior) = run_policy(records, policy, seed);
     let trace: Vec<_> = records
         .iter()
         .map(|(r, _)| eval::EvalRequest::new(r.ts_ms, r.output_tokens))

@@ -152,6 +152,11 @@ impl DetectorId {
     }
 }
 
+/// Below this share of requests with a SimHash or a template fingerprint, a subject's
+/// coverage (`template_sweep`, `prompt_diversity`) cannot be observed: the host sends no
+/// prompt features, or almost none.
+pub(crate) const FEATURELESS_SHARE: f32 = 0.1;
+
 /// One detector's output: strength in `[0, 2]`, and the measured value and the threshold it
 /// is compared with (for reports).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -172,6 +177,9 @@ pub(crate) struct Assessment {
     pub(crate) floor_reported: Level,
     /// Lowest level from propagation, enforced view.
     pub(crate) floor_enforced: Level,
+    /// The subject's requests carry (almost) no prompt features, so the coverage class
+    /// cannot be observed: the gate asks for `featureless_min_classes` classes.
+    pub(crate) featureless: bool,
 }
 
 /// Score and evidence of one view.
@@ -182,12 +190,14 @@ pub(crate) struct Tally {
     pub(crate) classes: u32,
     /// Whether a volume-measuring detector fired.
     pub(crate) volume: bool,
+    /// Evidence classes the gate asks for (see `Assessment::featureless`).
+    pub(crate) needed: u32,
 }
 
 impl Tally {
     /// Whether the evidence allows levels above `watch`.
     pub(crate) fn gate(&self, p: &BehaviorParams) -> bool {
-        self.classes >= p.min_classes && (self.volume || !p.policy().levels.require_volume)
+        self.classes >= self.needed && (self.volume || !p.policy().levels.require_volume)
     }
 }
 
@@ -238,6 +248,11 @@ impl Assessment {
             score,
             classes: classes.count_ones(),
             volume,
+            needed: if self.featureless {
+                p.featureless_min_classes
+            } else {
+                p.min_classes
+            },
         }
     }
 
@@ -327,7 +342,10 @@ pub(crate) fn assess(
     let d = &p.policy().detectors;
     let key = kind == SubjectKind::ApiKey;
     let enough = v.window_requests >= p.policy().min_requests;
-    let mut a = Assessment::default();
+    let mut a = Assessment {
+        featureless: v.feature_share < FEATURELESS_SHARE,
+        ..Assessment::default()
+    };
 
     // Extraction: new output, large relative to the input.
     {
@@ -616,6 +634,7 @@ mod tests {
             distinct_prompts: 400.0,
             templates: 1.0,
             template_share: 1.0,
+            feature_share: 1.0,
             probe: Families::template(5),
             family_share: 1.0,
             template_family_share: 1.0,
@@ -767,6 +786,52 @@ mod tests {
         let a = job(2.5);
         assert!(a.findings[DetectorId::OutputVolume.idx()].strength >= 1.0);
         assert!(a.tally(&p, false).gate(&p));
+    }
+
+    /// Without prompt features the coverage class cannot be observed: a key pinned at its
+    /// limit with long answers passes the gate on extraction volume alone, while the same
+    /// traffic with features that show no coverage does not. Asking featureless subjects for
+    /// `min_evidence_classes` restores the full gate.
+    #[test]
+    fn featureless_keys_need_one_class_fewer() {
+        let heavy = SignalView {
+            req_per_min: 120.0,
+            out_per_min: 150_000.0,
+            out_in_ratio: 3.0,
+            window_requests: 600,
+            pinned_share: 1.0,
+            ..SignalView::default()
+        };
+        let p = params(&BehaviorPolicy::default());
+        let a = assess(SubjectKind::ApiKey, &heavy, &[], &p);
+        assert!(a.featureless);
+        let t = a.tally(&p, false);
+        assert_eq!((t.classes, t.needed), (1, 1), "{t:?}");
+        assert!(t.volume && t.gate(&p));
+        assert!(t.score >= p.up[Level::Throttle.idx()], "{t:?}");
+
+        let featured = SignalView {
+            feature_share: 1.0,
+            ..heavy
+        };
+        let a = assess(SubjectKind::ApiKey, &featured, &[], &p);
+        assert!(!a.featureless);
+        let t = a.tally(&p, false);
+        assert_eq!((t.classes, t.needed), (1, 2), "{t:?}");
+        assert!(!t.gate(&p));
+        // Just under the share that counts as featureless.
+        let sparse = SignalView {
+            feature_share: FEATURELESS_SHARE,
+            ..heavy
+        };
+        assert!(!assess(SubjectKind::ApiKey, &sparse, &[], &p).featureless);
+
+        let mut policy = BehaviorPolicy::default();
+        policy.levels.featureless_min_evidence_classes = 2;
+        let p = params(&policy);
+        let t = assess(SubjectKind::ApiKey, &heavy, &[], &p).tally(&p, false);
+        assert_eq!(t.needed, 2);
+        assert!(!t.gate(&p));
     }
 
     #[test]

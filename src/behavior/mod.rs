@@ -255,6 +255,8 @@ pub(crate) struct BehaviorParams {
     pub(crate) pinned_pressure: f32,
     pub(crate) fire_strength: f32,
     pub(crate) min_classes: u32,
+    /// `min_classes` for a subject whose coverage cannot be observed (no prompt features).
+    pub(crate) featureless_min_classes: u32,
     pub(crate) up: [f32; 5],
     pub(crate) down: [f32; 5],
     pub(crate) cooldown_ns: [u64; 5],
@@ -351,6 +353,7 @@ impl BehaviorParams {
             pinned_pressure: d.pinned.pressure as f32,
             fire_strength: l.fire_strength as f32,
             min_classes: l.min_evidence_classes,
+            featureless_min_classes: l.featureless_min_evidence_classes,
             up: rules.map(|r| r.up as f32),
             down: rules.map(|r| r.down as f32),
             cooldown_ns: rules.map(|r| r.cooldown_s.saturating_mul(NS_PER_S)),

@@ -154,6 +154,17 @@ pub struct LevelsPolicy {
     /// classifier (one template, all prompts distinct) shows coverage only and so is never
     /// throttled by its sweep alone.
     pub min_evidence_classes: u32,
+    /// `min_evidence_classes` for a subject whose requests carry no prompt features: fewer
+    /// than one in ten has a SimHash or a template fingerprint (`Request::prompt_simhash`,
+    /// `Request::template_fp`), so the coverage class cannot be observed at all. Default
+    /// `1`: without features, a key that draws extraction volume at a score of `throttle.up`
+    /// (for instance one key pinned at its limit with long answers, well past
+    /// `output_volume.full_tokens_per_min`) is throttled on that alone, where with features
+    /// it would also need to show coverage or coordination. Set it to
+    /// `min_evidence_classes` to ask features-less traffic for the same evidence (with the
+    /// defaults and no features, nothing is then ever throttled). Validated to
+    /// `1..=min_evidence_classes`.
+    pub featureless_min_evidence_classes: u32,
     /// Throttle and above also need a firing detector that measures *volume* of extracted
     /// information: `output_volume`, `logprob_harvest`, `template_spread` (the family's
     /// volume per org) or `propagation` (escalated keys each had one). Default `true`: without
@@ -199,6 +210,7 @@ impl Default for LevelsPolicy {
                 cooldown_s: 1800,
             },
             min_evidence_classes: 2,
+            featureless_min_evidence_classes: 1,
             require_volume: true,
             fire_strength: 0.5,
             challenge_grace_s: 900,
@@ -936,6 +948,13 @@ impl LevelsPolicy {
                 "must be between 1 and 4",
             ));
         }
+        if !(1..=self.min_evidence_classes).contains(&self.featureless_min_evidence_classes) {
+            return Err(invalid(
+                path,
+                "featureless_min_evidence_classes",
+                "must be between 1 and min_evidence_classes",
+            ));
+        }
         if !(self.fire_strength.is_finite()
             && self.fire_strength > 0.0
             && self.fire_strength <= 1.0)
@@ -1139,6 +1158,17 @@ mod tests {
             ..BehaviorPolicy::default()
         };
         p.validate("behavior").unwrap();
+
+        // The featureless gate asks for 1 to min_evidence_classes classes.
+        for bad in [0, 3] {
+            let mut p = BehaviorPolicy::default();
+            p.levels.featureless_min_evidence_classes = bad;
+            let err = p.validate("b").unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Invalid { ref path, .. } if path == "b.levels.featureless_min_evidence_classes"),
+                "{bad}: {err:?}"
+            );
+        }
 
         let mut p = BehaviorPolicy::default();
         p.levels.challenge.up = 1.0;

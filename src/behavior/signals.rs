@@ -393,6 +393,9 @@ pub(crate) struct SignalView {
     pub(crate) templates: f32,
     /// Share of requests that carry a template fingerprint.
     pub(crate) template_share: f32,
+    /// The larger of the shares of requests that carry a SimHash and a template
+    /// fingerprint: below `detect::FEATURELESS_SHARE`, coverage cannot be observed.
+    pub(crate) feature_share: f32,
     /// Families to look up in the cross index: the four bands of the SimHash centroid, and
     /// the dominant template when most requests carry one.
     pub(crate) probe: Families,
@@ -849,6 +852,7 @@ impl Signals {
             distinct_prompts: distinct,
             templates: self.templates.distinct(),
             template_share,
+            feature_share: share(self.sim_reqs).max(template_share),
             probe,
             family_share: s_share,
             template_family_share: t_share,
