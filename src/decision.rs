@@ -332,12 +332,14 @@ impl PermitInner {
                 (0, (charged - actual).saturating_mul(m))
             }
         };
+        let charged_at = self.now;
         // A debt is charged even if the subject was evicted meanwhile (it comes back).
         let create = [0, 1, 2].map(|i| amounts(i).0 > 0);
         warden.with_subjects(&self.handles, now, create, |i, e| {
             let (extra, refund) = amounts(i);
+            let units = charged.saturating_mul(mult[i].max(1));
             for (l, c) in e.set.limits.iter().zip(e.cells()) {
-                l.algo.settle(c, now, extra, refund);
+                l.algo.settle(c, now, extra, refund, units, charged_at);
             }
             if let Some(b) = &e.behavior {
                 crate::behavior::Engine::settle(b, actual_output, now);

@@ -461,10 +461,14 @@ impl<K: Eq + Hash + Copy, S: BuildHasher + Clone> Table<K, S> {
     }
 
     /// Applies new bounds and a new overflow entry after a policy swap.
-    pub(crate) fn reconfigure(&self, max: usize, idle_ns: u64, overflow: Entry) {
+    /// New limits for the table. The overflow entry `fresh` takes over the state of the
+    /// current one as a subject's entry would on migration (`Entry::migrate`), so that
+    /// permits charged to it release into it and its shared allowance is not reset.
+    pub(crate) fn reconfigure(&self, max: usize, idle_ns: u64, fresh: Entry, now: u64) {
         self.max.store(max, Ordering::Relaxed);
         self.idle_ns.store(idle_ns, Ordering::Relaxed);
-        self.overflow.store(Arc::new(overflow));
+        let migrated = self.overflow.load().migrate(fresh, now);
+        self.overflow.store(Arc::new(migrated));
     }
 
     /// Looks a subject up without inserting it.

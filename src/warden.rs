@@ -733,9 +733,14 @@ impl Warden {
     }
 
     /// Replaces the policy. Limits whose name and parameters did not change keep their state;
-    /// changed or new limits start fresh. Subjects are migrated lazily, on their next check.
+    /// changed or new limits start fresh, except that a concurrency limit whose maximum
+    /// changed keeps its count of requests in flight (their permits release into it).
+    /// Subjects are migrated lazily, on their next check; each table's shared overflow entry
+    /// (see `TablePolicy::max_subjects`) is migrated at once, in the same way.
     ///
-    /// Permits issued before the swap settle into the migrated state.
+    /// Permits issued before the swap settle into the migrated state. A check that charges
+    /// the overflow entry, or a permit that releases into it, while `set_policy` migrates it
+    /// may act on the entry being replaced, and that one charge or release is then lost.
     ///
     /// Behavioural state carries over. A subject seen while the layer was off starts its
     /// behavioural state on its first check after a policy that switches the layer on;
@@ -773,12 +778,14 @@ impl Warden {
                 max,
                 idle,
                 Entry::new(compiled.defaults[kind.index()].clone(), now, None),
+                now,
             );
         }
         self.clusters.reconfigure(
             max,
             idle,
             Entry::new(compiled.defaults[2].clone(), now, None),
+            now,
         );
         let fast = FastPolicy::of(&compiled).encode();
         // Publish the policy before the generation: a check that sees the new generation

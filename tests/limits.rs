@@ -325,6 +325,119 @@ fn set_policy_keeps_unchanged_limits_and_resets_changed_ones() {
     assert_eq!(w.policy(), p);
 }
 
+/// A concurrency limit whose maximum changes keeps its count of requests in flight: the
+/// permits from before the swap still hold their slots and release into the new count, so
+/// the new maximum is never exceeded. (Before the fix the count restarted at 0, and the old
+/// permits' releases then freed slots the new ones held: 5 in flight under a maximum of 3.)
+#[test]
+fn a_changed_concurrency_maximum_keeps_the_requests_in_flight() {
+    let mut p = bare();
+    p.api_key
+        .insert("inflight".into(), LimitConfig::Concurrency { max: 2 });
+    let (w, _clock) = warden(p.clone());
+    let req = Request::new("k", "o", ip("10.0.0.1"));
+    let old: Vec<_> = (0..2).map(|_| w.check(&req)).collect();
+    assert!(old.iter().all(Decision::is_allowed));
+    p.api_key
+        .insert("inflight".into(), LimitConfig::Concurrency { max: 3 });
+    w.set_policy(p).unwrap();
+    let mut held: Vec<_> = (0..5).map(|_| w.check(&req)).collect();
+    held.retain(Decision::is_allowed);
+    assert_eq!(held.len(), 1, "two of three slots are still held");
+    drop(old);
+    held.extend((0..5).map(|_| w.check(&req)));
+    held.retain(Decision::is_allowed);
+    assert_eq!(held.len(), 3, "in flight after the old permits released");
+}
+
+/// A policy swap keeps the state of each table's shared overflow entry: a slot held in it
+/// stays held, and its shared allowance is not reset. (Before the fix every swap replaced
+/// the entry with a fresh one: 2 in flight under a maximum of 1.)
+#[test]
+fn a_policy_swap_keeps_the_overflow_entrys_state() {
+    let mut p = bare();
+    p.api_key
+        .insert("inflight".into(), LimitConfig::Concurrency { max: 1 });
+    p.api_key.insert("rpm".into(), gcra(60, 60, 3));
+    p.table.max_subjects = 1;
+    let (w, _clock) = warden(p.clone());
+    assert!(w
+        .check(&Request::new("a", "o", ip("10.0.0.1")))
+        .is_allowed());
+    // The table is full: "b" gets the overflow entry and holds its one slot.
+    let held = w.check(&Request::new("b", "o", ip("10.0.0.1")));
+    assert!(held.is_allowed());
+    w.set_policy(p).unwrap();
+    let again = (0..5)
+        .filter(|i| {
+            w.check(&Request::new(&format!("z{i}"), "o", ip("10.0.0.1")))
+                .is_allowed()
+        })
+        .count();
+    assert_eq!(again, 0, "the overflow slot is still held");
+    drop(held);
+    // Released into the migrated entry, whose allowance (3 a minute, 1 used by "b")
+    // carried over: two more, each permit dropped at once.
+    let after = (0..5)
+        .filter(|i| {
+            w.check(&Request::new(&format!("y{i}"), "o", ip("10.0.0.1")))
+                .is_allowed()
+        })
+        .count();
+    assert_eq!(after, 2);
+}
+
+/// A refund gives back only the part of the estimate that the bucket has not refilled since
+/// the check. (Before the fix, three 1,000-token reservations held for a minute each and
+/// then settled at 0 let a client draw 4,000 tokens at one instant from a 1,000-token
+/// bucket.)
+#[test]
+fn settling_old_reservations_never_draws_more_than_a_burst() {
+    let mut p = bare();
+    p.api_key.insert("tpm".into(), tokens(1_000, 60));
+    let (w, clock) = warden(p);
+    let big = Request::new("k", "o", ip("10.0.0.1")).expected_output_tokens(1_000);
+    let mut reservations = Vec::new();
+    for _ in 0..3 {
+        let Decision::Allow(permit) = w.check(&big) else {
+            panic!("the bucket has refilled")
+        };
+        reservations.push(permit);
+        clock.advance(Duration::from_secs(60));
+    }
+    let mut drawn = 0;
+    loop {
+        if w.check(&big).is_allowed() {
+            drawn += 1_000;
+        } else if let Some(permit) = reservations.pop() {
+            permit.settle(0);
+        } else {
+            break;
+        }
+    }
+    assert_eq!(drawn, 1_000);
+    // Settled promptly, a refund is whole; half a minute later, half of it is.
+    clock.advance(Duration::from_secs(60));
+    let half = Request::new("k", "o", ip("10.0.0.1")).expected_output_tokens(600);
+    let Decision::Allow(permit) = w.check(&half) else {
+        panic!()
+    };
+    permit.settle(0);
+    assert!(w.check(&half).is_allowed(), "600 refunded at once");
+    clock.advance(Duration::from_secs(60));
+    let Decision::Allow(permit) = w.check(&big) else {
+        panic!()
+    };
+    clock.advance(Duration::from_secs(30));
+    permit.settle(0);
+    // 500 refilled in 30 s, and 500 of the unrefilled part refunded: a full bucket.
+    let small = Request::new("k", "o", ip("10.0.0.1")).expected_output_tokens(1_000);
+    assert!(w.check(&small).is_allowed());
+    assert!(!w
+        .check(&Request::new("k", "o", ip("10.0.0.1")).expected_output_tokens(1))
+        .is_allowed());
+}
+
 #[test]
 fn permits_settle_into_migrated_state_after_a_policy_swap() {
     let mut p = bare();

@@ -129,9 +129,24 @@ impl Algo {
         });
     }
 
-    /// Settles a token charge: `extra` more (debt allowed) or `refund` back.
-    pub(crate) fn settle(&self, cell: &AtomicU64, now: u64, extra: u64, refund: u64) {
+    /// Settles a token charge of `charged` units made at `charged_at`: `extra` more (debt
+    /// allowed) or `refund` back. A refund never returns capacity that the bucket has already
+    /// refilled: it is capped at the part of `charged` not refilled since `charged_at` (at
+    /// one unit per emission interval). Without the cap, settling old reservations would
+    /// hand back their refilled capacity a second time, and a client holding several could
+    /// draw several bursts at one instant.
+    pub(crate) fn settle(
+        &self,
+        cell: &AtomicU64,
+        now: u64,
+        extra: u64,
+        refund: u64,
+        charged: u64,
+        charged_at: u64,
+    ) {
         if let Algo::Tokens(p) = self {
+            let refilled = now.saturating_sub(charged_at) / p.t;
+            let refund = refund.min(charged.saturating_sub(refilled));
             if extra == 0 && refund == 0 {
                 return;
             }

@@ -15,8 +15,12 @@
 //! `seq` (24 bits, the window index modulo 2^24) | `cur` (20 bits) | `prev` (20 bits). Limits
 //! are therefore at most 1,048,575 per window (checked at build time). A subject left untouched
 //! for exactly a multiple of 2^24 windows would alias; idle subjects are evicted long before.
+//! A clock that goes back by at most 2^16 windows keeps the stored counts (no refund); one
+//! that goes back further is taken as a forward jump, and the counts are dropped.
 
 pub(crate) const MAX_WINDOW_LIMIT: u64 = (1 << 20) - 1;
+/// How far back (in windows) a clock may go and still be taken as going back (see `view`).
+const BACKWARDS_WINDOWS: u64 = 1 << 16;
 const SEQ_MASK: u64 = (1 << 24) - 1;
 const CNT_MASK: u64 = (1 << 20) - 1;
 
@@ -51,9 +55,13 @@ fn view(state: u64, now: u64, p: &WindowParams) -> (u64, u64, u64, u64) {
     } else if (s_seq + 1) & SEQ_MASK == seq {
         (seq, 0, cur, elapsed)
     } else {
-        // Older than one window (or the clock went back past the stored window: treat the
-        // stored counts as current so a backwards clock never refunds).
-        if seq.wrapping_sub(s_seq) & SEQ_MASK > SEQ_MASK / 2 {
+        // Older than one window, or the clock went back past the stored window: then the
+        // stored counts stay current, so a backwards clock never refunds. Only a stored
+        // window at most `BACKWARDS_WINDOWS` ahead counts as a clock gone back; anything
+        // else is a forward gap, so that a subject idle for between 2^23 and 2^24 windows
+        // (2.3 to 4.7 hours of 1 ms windows) is not read as "ahead" and refused until the
+        // index wraps.
+        if s_seq.wrapping_sub(seq) & SEQ_MASK <= BACKWARDS_WINDOWS {
             (s_seq, cur, prev, elapsed)
         } else {
             (seq, 0, 0, elapsed)
@@ -148,6 +156,28 @@ mod tests {
     use super::*;
 
     const SEC: u64 = 1_000_000_000;
+
+    /// A subject idle for between 2^23 and 2^24 windows is not read as ahead of the clock
+    /// (it used to be refused, and kept from eviction, until the window index wrapped), and
+    /// a clock gone back a few windows still keeps the counts.
+    #[test]
+    fn a_long_idle_subject_is_not_read_as_ahead() {
+        let p = WindowParams {
+            window: 1_000_000,
+            limit: 1,
+        };
+        let Step::Conform(s) = step(0, SEC, 1, &p) else {
+            panic!("first request")
+        };
+        for gap in [(1 << 23) + 10, (1 << 24) - BACKWARDS_WINDOWS - 1] {
+            let later = SEC + gap * p.window;
+            assert!(matches!(step(s, later, 1, &p), Step::Conform(_)), "{gap}");
+            assert!(is_fresh(s, later, &p), "{gap}");
+        }
+        let back = SEC - 5 * p.window;
+        assert!(matches!(step(s, back, 1, &p), Step::Wait(_)));
+        assert!(!is_fresh(s, back, &p));
+    }
 
     fn run(p: &WindowParams, times: &[u64]) -> Vec<bool> {
         let mut s = 0;

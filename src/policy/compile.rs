@@ -40,15 +40,22 @@ pub(crate) struct LimitSet {
 }
 
 impl LimitSet {
-    /// For each of `self`'s limits, the index of an identical limit (same name and parameters)
-    /// in `old`, whose state can be kept.
+    /// For each of `self`'s limits, the index of the limit in `old` whose state it keeps: an
+    /// identical limit (same name and parameters), or a concurrency limit of the same name
+    /// whatever its maximum, since its state is the count of live permits, which release
+    /// into it.
     pub(crate) fn carry_from(&self, old: &LimitSet) -> Vec<Option<usize>> {
         self.limits
             .iter()
             .map(|l| {
-                old.limits
-                    .iter()
-                    .position(|o| o.name == l.name && o.algo == l.algo)
+                old.limits.iter().position(|o| {
+                    o.name == l.name
+                        && (o.algo == l.algo
+                            || matches!(
+                                (o.algo, l.algo),
+                                (Algo::Concurrency(_), Algo::Concurrency(_))
+                            ))
+                })
             })
             .collect()
     }
