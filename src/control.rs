@@ -22,6 +22,12 @@ pub enum ControlError {
     /// An IP cluster id that is not a network in CIDR form with the configured prefix.
     #[error("`{0}` is not an IP cluster: use the network in CIDR form with the configured prefix, such as 198.51.100.0/24")]
     BadCluster(String),
+    /// The subject is not tracked and its kind's table is full (`table.max_subjects`), so
+    /// there is no state to hold the level or exemption: nothing was set. Raise the cap,
+    /// call [`Warden::maintain`] to evict idle subjects, or put the subject in the policy
+    /// (an override with its own limits, or `exempt_behavior`).
+    #[error("`{0}` is not tracked and its table is full (table.max_subjects): nothing was set")]
+    TableFull(String),
 }
 
 /// A subject's behavioural state, from [`Warden::inspect`].
@@ -117,7 +123,8 @@ impl Warden {
     /// # Errors
     ///
     /// [`ControlError::BehaviorDisabled`] when the policy has the behavioural layer off;
-    /// [`ControlError::BadCluster`] for an IP cluster id that is not a configured network.
+    /// [`ControlError::BadCluster`] for an IP cluster id that is not a configured network;
+    /// [`ControlError::TableFull`] for a subject not tracked while its table is full.
     ///
     /// # Examples
     ///
@@ -146,9 +153,8 @@ impl Warden {
             b.with(now, |s| s.set_manual(level, until));
             (from, b.levels(now).0, now)
         })?;
-        if let Some((from, to, now)) = r {
-            self.manual_event(subject, from, to, now);
-        }
+        let (from, to, now) = r.ok_or_else(|| ControlError::TableFull(subject.id.clone()))?;
+        self.manual_event(subject, from, to, now);
         Ok(())
     }
 
@@ -188,8 +194,8 @@ impl Warden {
     pub fn set_exempt(&self, subject: &SubjectId, exempt: bool) -> Result<(), ControlError> {
         self.with_slot(subject, true, |b, now| {
             b.with(now, |s| s.set_exempt(exempt))
-        })?;
-        Ok(())
+        })?
+        .ok_or_else(|| ControlError::TableFull(subject.id.clone()))
     }
 
     /// The behavioural state of a tracked subject, with the evidence it would be scored on

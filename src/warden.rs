@@ -6,7 +6,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
-use crate::behavior::{Engine, Level, Pending, Slot as BehaviorSlot};
+use crate::behavior::{Engine, Level, Pending, Slot as BehaviorSlot, Verdict};
 use crate::clock::{Clock, SystemClock};
 use crate::decision::{Candidate, Decision, Denial, InlineStr, Permit, PermitInner, RateLimitInfo};
 use crate::decision::{Handle, Handles};
@@ -411,26 +411,47 @@ impl Warden {
                 level,
                 info: RateLimitInfo::default(),
             };
-            let pending = self
-                .behavior
-                .observe(subjects, hashes, req, now, rt, [1.0; 3], true);
+            // The request's limits were not consulted: each subject's own pressure, and no
+            // pinned evidence for the subjects that did not deny it.
+            let pressure = pressures(subjects, now);
+            let pending = self.behavior.observe(
+                subjects,
+                hashes,
+                req,
+                now,
+                rt,
+                pressure,
+                Verdict::DeniedByBehavior,
+            );
             (Decision::Deny(denial), pending)
         } else {
             match self.charge(req, subjects, now, &mult) {
                 Ok(best) => {
                     let decision = self.admit(req, &handles, now, mult, level, best);
                     let pressure = pressures(subjects, now);
-                    let pending = self
-                        .behavior
-                        .observe(subjects, hashes, req, now, rt, pressure, false);
+                    let pending = self.behavior.observe(
+                        subjects,
+                        hashes,
+                        req,
+                        now,
+                        rt,
+                        pressure,
+                        Verdict::Allowed,
+                    );
                     (decision, pending)
                 }
                 Err(refusal) => {
                     let denial = self.limit_denial(req, subjects, now, &mult, level, refusal);
                     let pressure = pressures(subjects, now);
-                    let pending = self
-                        .behavior
-                        .observe(subjects, hashes, req, now, rt, pressure, true);
+                    let pending = self.behavior.observe(
+                        subjects,
+                        hashes,
+                        req,
+                        now,
+                        rt,
+                        pressure,
+                        Verdict::DeniedByLimit,
+                    );
                     (Decision::Deny(denial), pending)
                 }
             }

@@ -151,6 +151,58 @@ fn cluster_ids_are_checked_and_disabled_behaviour_is_an_error() {
     );
 }
 
+/// A level or an exemption for a subject that cannot be tracked (its table is full) is an
+/// error, not a silent no-op: before, `set_level(.., Block, ..)` returned `Ok` and the key
+/// was still served. A tracked subject of the same full table can still be blocked.
+#[test]
+fn controls_on_a_full_table_say_so() {
+    let mut p = Policy::llm_api();
+    p.table.max_subjects = 2;
+    let (w, _clock) = warden(p);
+    for k in ["a", "b"] {
+        assert!(w.check(&Request::new(k, "o", ip("10.0.0.1"))).is_allowed());
+    }
+    let bad = SubjectId::api_key("sk-bad");
+    assert_eq!(
+        w.set_level(&bad, Level::Block, None),
+        Err(ControlError::TableFull("sk-bad".into()))
+    );
+    assert_eq!(
+        w.set_exempt(&bad, true),
+        Err(ControlError::TableFull("sk-bad".into()))
+    );
+    w.set_level(&SubjectId::api_key("a"), Level::Block, None)
+        .unwrap();
+    assert!(!w
+        .check(&Request::new("a", "o", ip("10.0.0.1")))
+        .is_allowed());
+}
+
+/// A request refused because its org is blocked says nothing about its key's own limits:
+/// the key gets no `pinned` evidence from it (it used to get pressure 1 on every such
+/// request, and reached `watch` on `pinned` and `regular_timing` alone).
+#[test]
+fn a_behaviour_denial_is_no_pinned_evidence_for_the_other_subjects() {
+    let (w, clock) = warden(Policy::llm_api());
+    w.set_level(
+        &SubjectId::org("o"),
+        Level::Block,
+        Some(Duration::from_secs(120)),
+    )
+    .unwrap();
+    let req = Request::new("k", "o", ip("10.0.0.1"));
+    for _ in 0..40 {
+        assert!(!w.check(&req).is_allowed());
+        clock.advance(Duration::from_secs(2));
+    }
+    let r = w.inspect(&SubjectId::api_key("k")).unwrap();
+    assert!(
+        r.reasons.iter().all(|x| x.detector != "pinned"),
+        "{:?}",
+        r.reasons
+    );
+}
+
 #[test]
 fn a_hook_that_reenters_the_warden_does_not_deadlock() {
     let clock = ManualClock::new();

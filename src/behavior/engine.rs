@@ -160,6 +160,17 @@ impl Pending {
     }
 }
 
+/// How a check ended, as the signals see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Allowed,
+    /// A classic limit refused: pinned evidence for every subject.
+    DeniedByLimit,
+    /// A subject at challenge or block refused: not served, but no evidence of pressure
+    /// for the request's other subjects (the denying one is restrained and counts none).
+    DeniedByBehavior,
+}
+
 /// The subjects of one check, as the behavioural pass sees them.
 pub(crate) type Subjects<'a> = [Option<&'a Entry>; 3];
 
@@ -224,7 +235,7 @@ impl Engine {
         now: u64,
         rt: &BehaviorRt,
         pressure: [f32; 3],
-        denied: bool,
+        verdict: Verdict,
     ) -> Pending {
         let mut obs = Observation {
             now_ns: now,
@@ -238,7 +249,8 @@ impl Engine {
             org_hash: hashes[1],
             cluster_hash: hashes[2],
             pressure: 0.0,
-            denied_by_limit: denied,
+            denied_by_limit: verdict == Verdict::DeniedByLimit,
+            refused: verdict != Verdict::Allowed,
         };
         let p = &rt.params;
         let mut pending = Pending::default();

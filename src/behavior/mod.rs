@@ -9,9 +9,15 @@
 //!
 //! # How the warden drives it
 //!
-//! Per check, with the clock read once (the test-only `scenarios` module does exactly this):
-//! 1. peek the classic limits, then build one [`Observation`] for the request; copy it per
-//!    subject with that subject's own `pressure`;
+//! Per check, with the clock read once (the test-only `scenarios` module follows the same
+//! order, without the decision):
+//! 0. decide with each subject's cached `level(now)` as it stood before this request:
+//!    `challenge`/`block` deny, `throttle` scales that subject's limits by
+//!    `throttle_factor` (`BehaviorParams::throttle_factor`); then charge the classic limits
+//!    (all or nothing). A level change that this request causes therefore acts from the
+//!    subject's next request;
+//! 1. build one [`Observation`] for the request and its outcome; copy it per subject with
+//!    that subject's own `pressure`;
 //! 2. key first, under its short mutex: `observe(&obs, params)`, then
 //!    `evaluate(now, params, &cross)`; read its `family_of(&obs)` and `mean_output()` and,
 //!    after releasing its lock, file the request once in the cross index:
@@ -24,9 +30,7 @@
 //! 5. for each `Some(transition)`, turn it into an event (`Transition::into_event`), push it to
 //!    the [`EventQueue`](crate::hooks::EventQueue) and run the hooks, after releasing every
 //!    lock;
-//! 6. decide with `level(now)` of each subject: `challenge`/`block` deny, `throttle` scales that
-//!    subject's limits by `throttle_factor` (`BehaviorParams::throttle_factor`);
-//! 7. on `Permit::settle`, call `settle(output_tokens)` on the three subjects (the cross index
+//! 6. on `Permit::settle`, call `settle(output_tokens)` on the three subjects (the cross index
 //!    needs nothing: it counted the key's mean output at check time).
 //!
 //! # Cost
@@ -119,10 +123,13 @@ pub(crate) struct Observation {
     /// (1 = refusing): the warden copies the observation per subject and sets it. Values
     /// outside the range or NaN are harmless.
     pub(crate) pressure: f32,
-    /// Whether a classic limit (of any of the request's subjects) refused this request.
+    /// Whether a classic limit (of any of the request's subjects) refused this request: it
+    /// counts as pinned.
+    pub(crate) denied_by_limit: bool,
+    /// Whether the request was refused, by a classic limit or by the behavioural layer.
     /// Refused requests still count for rates and timing, but not for distinct prompts, so
     /// that a client retrying a refused prompt does not look repetitive.
-    pub(crate) denied_by_limit: bool,
+    pub(crate) refused: bool,
 }
 
 /// Tag (in the top 16 bits) that keeps SimHash-band family ids apart from template
@@ -620,18 +627,24 @@ impl SubjectBehavior {
 
     /// The reasons the subject would be scored on now, reported view (shadow detectors
     /// included), strongest first. Allocates; for diagnostics, not the request path.
+    ///
+    /// Works on a copy: reading the signals folds a sample into the smoothed prompt breadth,
+    /// and an inspection must not count as an evaluation.
     pub(crate) fn explain(
-        &mut self,
+        &self,
         now_ns: u64,
         p: &BehaviorParams,
         cross: &CrossIndex,
     ) -> Vec<Reason> {
-        self.assess(now_ns, p, cross, false).reasons(p, true)
+        self.clone()
+            .assess(now_ns, p, cross, false)
+            .reasons(p, true)
     }
 
     /// The enforced level: a live manual level, else `normal` if exempt, else the computed
-    /// level without shadow detectors (always `normal` in global shadow mode). Call after
-    /// `evaluate` for the current decision.
+    /// level without shadow detectors (always `normal` in global shadow mode), as of the
+    /// last `evaluate`. The warden decides a request with the level cached before its
+    /// `observe` and `evaluate`.
     #[inline]
     pub(crate) fn level(&self, now_ns: u64) -> Level {
         self.escalation.level(now_ns)
@@ -805,6 +818,41 @@ mod tests {
             i += 1;
         }
         out
+    }
+
+    /// Explaining a subject leaves its state as it was, so that inspecting it repeatedly
+    /// reports the same reasons and does not move the next evaluation (the smoothed prompt
+    /// breadth used to take a sample on each call).
+    #[test]
+    fn explain_does_not_change_the_state() {
+        let p = params(&BehaviorPolicy::default());
+        let cross = CrossIndex::new(&p);
+        let mut sb = SubjectBehavior::new(SubjectKind::ApiKey, 0);
+        // Prompts far apart, so that the recent ones make eight SimHash clusters and the
+        // smoothed breadth is still climbing towards 8 when it is read.
+        for i in 0..20_u64 {
+            let now = i * S;
+            let obs = Observation {
+                now_ns: now,
+                input_tokens: 100,
+                expected_output_tokens: 500,
+                prompt_fp: Some(i),
+                prompt_simhash: Some(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                ..Observation::default()
+            };
+            sb.observe(&obs, &p);
+            sb.evaluate(now, &p, &cross);
+        }
+        let before = sb.clone();
+        let first = sb.explain(20 * S, &p, &cross);
+        for _ in 0..5 {
+            assert_eq!(sb.explain(20 * S, &p, &cross), first);
+        }
+        assert_eq!(sb, before);
+        // The breadth is what a mutating read would move: the check above can fail.
+        let mut touched = sb.clone();
+        touched.assess(20 * S, &p, &cross, false);
+        assert_ne!(touched, before);
     }
 
     #[test]
@@ -1139,6 +1187,7 @@ mod tests {
                     _ => (rnd() % 100) as f32 / 100.0,
                 },
                 denied_by_limit: rnd() % 7 == 0,
+                refused: rnd() % 5 == 0,
             };
             if let Some(f) = obs.family_id(None, false) {
                 cross.observe(f, &obs, 500.0);
@@ -1337,4 +1386,4 @@ mod tests {
 }
 
 mod engine;
-pub(crate) use engine::{BehaviorRt, Engine, Pending, Slot};
+pub(crate) use engine::{BehaviorRt, Engine, Pending, Slot, Verdict};

@@ -31,14 +31,19 @@ use crate::policy::ConfigError;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BehaviorPolicy {
-    /// Whether the behavioural layer runs at all. Default `true`. When `false`, computed
-    /// levels stay `normal`; manual levels still apply.
+    /// Whether the behavioural layer runs at all. Default `true`. When `false`, no subject
+    /// has behavioural state: checks apply the classic limits only, manual levels cannot be
+    /// set (`ControlError::BehaviorDisabled`), and a swap to a policy with the layer off
+    /// drops the state of every subject on its next check, manual levels and host
+    /// exemptions included. Use `shadow` to keep manual levels while computed ones never
+    /// deny.
     pub enabled: bool,
     /// Global shadow mode: everything is computed and reported (with `shadow: true` on
     /// events), but the enforced level stays `normal` unless a manual level is set.
     /// Default `false`.
     pub shadow: bool,
-    /// Share of its classic limits that a throttled subject keeps. Default `0.25`: a quarter
+    /// Share of its classic limits that a throttled subject keeps, from `0.000001` to `1`.
+    /// Default `0.25`: a quarter
     /// cuts the yield of an extractor running at its limits by three quarters while a benign
     /// subject that was throttled by mistake can still work. It does not slow a subject that
     /// runs far below its limits (a key among many, at a few requests per minute); such a
@@ -806,11 +811,17 @@ fn invalid(path: &str, field: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Finite, >= 0, and finite as the `f32` the runtime uses (a weight of `1e39` would become
+/// infinite there, and infinity × a zero strength a NaN score).
 fn finite_nonneg(path: &str, field: &str, v: f64) -> Result<(), ConfigError> {
-    if v.is_finite() && v >= 0.0 {
+    if v.is_finite() && v >= 0.0 && v <= f64::from(f32::MAX) {
         Ok(())
     } else {
-        Err(invalid(path, field, "must be a finite number >= 0"))
+        Err(invalid(
+            path,
+            field,
+            "must be a finite number >= 0 (at most 3.4e38)",
+        ))
     }
 }
 
@@ -887,11 +898,17 @@ impl BehaviorPolicy {
     /// [`ConfigError`] naming the first bad field, e.g.
     /// `behavior.detectors.template_spread.full_orgs`.
     pub(crate) fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        // At least 1e-6, so that the cost multiplier (1 / factor, in f32) stays finite and
+        // a tiny factor does not round to 0 (which would turn throttling off).
         if !(self.throttle_factor.is_finite()
-            && self.throttle_factor > 0.0
+            && self.throttle_factor >= 1e-6
             && self.throttle_factor <= 1.0)
         {
-            return Err(invalid(path, "throttle_factor", "must be in (0, 1]"));
+            return Err(invalid(
+                path,
+                "throttle_factor",
+                "must be between 0.000001 and 1",
+            ));
         }
         if self.evaluate_min_requests > u32::from(u16::MAX) {
             return Err(invalid(
@@ -1233,11 +1250,27 @@ mod tests {
             matches!(err, ConfigError::Invalid { ref path, .. } if path == "b.detectors.ip_spread.full_share")
         );
 
+        // Factors that break in f32 (0, rounding to 0, or an infinite multiplier) are out.
+        for factor in [0.0, 1e-50, 1e-40, 1e-7, 1.5] {
+            let p = BehaviorPolicy {
+                throttle_factor: factor,
+                ..BehaviorPolicy::default()
+            };
+            assert!(p.validate("b").is_err(), "{factor}");
+        }
         let p = BehaviorPolicy {
-            throttle_factor: 0.0,
+            throttle_factor: 1e-6,
             ..BehaviorPolicy::default()
         };
-        assert!(p.validate("b").is_err());
+        p.validate("b").unwrap();
+        // A weight that is infinite as an f32 (it made every score NaN).
+        let mut p = BehaviorPolicy::default();
+        p.detectors.pinned.weight = 1e39;
+        let err = p.validate("b").unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Invalid { ref path, .. } if path == "b.detectors.pinned.weight"),
+            "{err:?}"
+        );
 
         // The org context of `template_sweep`: a weight in [0, 1] and an increasing ramp.
         let bad: [(&str, Set); 3] = [

@@ -708,6 +708,7 @@ impl Warden {
             cluster_hash: hash(r.cluster),
             pressure: 0.0,
             denied_by_limit: !conform,
+            refused: !conform,
         };
         // Key first (it files the request in the cross index); if it is escalated, tell its org and cluster; then the org and cluster.
         let mut events = Vec::new();

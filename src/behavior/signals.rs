@@ -649,7 +649,7 @@ impl Signals {
 
         // Distinct prompts are counted over requests the classic limits let through, so that
         // a client retrying a refused prompt does not look repetitive.
-        if !obs.denied_by_limit {
+        if !obs.refused {
             if let Some(fp) = obs.prompt_fp {
                 self.prompts.insert(mix(fp, p.seed ^ SALT_PROMPT));
                 self.prompt_n[0] = self.prompt_n[0].saturating_add(1);
