@@ -361,7 +361,7 @@ impl PermitInner {
             let m = mult[i].max(1);
             for (l, c) in e.set.limits.iter().zip(e.cells()) {
                 if l.algo.unit() == Unit::InFlight {
-                    l.algo.rollback(c, now, m, now);
+                    l.algo.release(c, m);
                 }
             }
         });

@@ -496,6 +496,9 @@ impl Warden {
         let mut best: [Option<(&LimitRt, u64)>; 2] = [None, None];
         let mut keep = 0u8;
         let mut holds_slots = false;
+        // The states the first charges left, for an exact rollback (see `Algo::rollback`).
+        let mut written = [0_u64; WRITTEN];
+        let mut k = 0;
         for (si, e) in subjects.iter().enumerate() {
             let Some(e) = e else { continue };
             if e.set.needs_handle || e.behavior.is_some() {
@@ -510,6 +513,10 @@ impl Warden {
                 };
                 match out {
                     Outcome::Ok(state) => {
+                        if let Some(w) = written.get_mut(k) {
+                            *w = state;
+                        }
+                        k += 1;
                         let slot = match unit {
                             Unit::Requests => 0,
                             Unit::Tokens => 1,
@@ -528,7 +535,7 @@ impl Warden {
                         }
                     }
                     Outcome::Refused(w) => {
-                        self.rollback(req, subjects, si, li, mult, now);
+                        self.rollback(req, subjects, (si, li), mult, now, &written);
                         return Err(Refusal {
                             subject: si,
                             limit: li,
@@ -669,26 +676,30 @@ impl Warden {
         self.behavior.dispatch(pending, names, now);
     }
 
-    /// Undoes the charges of limits before `(stop_s, stop_l)`, in commit order.
+    /// Undoes the charges of limits before `stop` (subject, limit), in commit order; the
+    /// `k`-th of them left its cell at `written[k]` (known for the first `WRITTEN`).
     #[cold]
     fn rollback(
         &self,
         req: &Request<'_>,
         subjects: &Subjects<'_>,
-        stop_s: usize,
-        stop_l: usize,
+        stop: (usize, usize),
         mult: &[u64; 3],
         now: u64,
+        written: &[u64; WRITTEN],
     ) {
+        let mut k = 0;
         for (si, e) in subjects.iter().enumerate() {
             let Some(e) = e else { continue };
             for (li, (l, c)) in e.set.limits.iter().zip(e.cells()).enumerate() {
-                if (si, li) == (stop_s, stop_l) {
+                if (si, li) == stop {
                     return;
                 }
                 if let Some(cost) = cost_of(req, l.algo.unit(), mult[si]) {
-                    l.algo.rollback(c, now, cost, now);
+                    l.algo
+                        .rollback(c, cost, now, written.get(k).copied(), || self.now());
                 }
+                k += 1;
             }
         }
     }
@@ -954,6 +965,10 @@ struct Refusal {
     limit: usize,
     wait: Option<u64>,
 }
+
+/// How many of a check's charges keep the state they left, for an exact rollback: two
+/// limits for each of three subjects, and two more.
+const WRITTEN: usize = 8;
 
 /// What a limit of `unit` charges for `req`, times the subject's throttle multiplier; `None`
 /// when that overflows (the request can never conform).

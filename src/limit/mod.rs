@@ -115,18 +115,63 @@ impl Algo {
         }
     }
 
-    /// Undoes a successful [`try_charge`](Self::try_charge) of `cost` made at `charged_at`.
-    pub(crate) fn rollback(&self, cell: &AtomicU64, now: u64, cost: u64, charged_at: u64) {
+    /// Undoes a successful [`try_charge`](Self::try_charge) of `cost` made at `charged_at`,
+    /// which left the cell at `written` when the caller kept it (`try_charge`'s state).
+    ///
+    /// A window or concurrency charge is a count and comes out exactly. A token bucket's
+    /// charge moved its TAT by `cost · T`. If the cell still holds `written`, that is undone
+    /// exactly. If other threads changed it since, their charges built on ours only if they
+    /// came before ours had drained (before `written`, or `charged_at + cost · T` when it is
+    /// not known): then ours comes out whole. A later charge started from an empty bucket,
+    /// and taking ours out would take its units instead, so then ours stays charged (the
+    /// refused request keeps its cost; nothing is ever over-admitted). `real_now` reads the
+    /// clock for that test, only when the cell changed.
+    pub(crate) fn rollback(
+        &self,
+        cell: &AtomicU64,
+        cost: u64,
+        charged_at: u64,
+        written: Option<u64>,
+        real_now: impl FnOnce() -> u64,
+    ) {
         if cost == 0 {
             return;
         }
-        let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
-            Some(match self {
-                Algo::Gcra(p) | Algo::Tokens(p) => gcra::adjust(s, now, 0, cost, p),
-                Algo::Window(p) => window::rollback(s, now, cost, window::seq_of(charged_at, p), p),
-                Algo::Concurrency(_) => s.saturating_sub(cost),
-            })
-        });
+        match self {
+            Algo::Gcra(p) | Algo::Tokens(p) => {
+                let inc = cost.saturating_mul(p.t);
+                if let Some(w) = written {
+                    let undone = w.saturating_sub(inc);
+                    let exact =
+                        cell.compare_exchange(w, undone, Ordering::AcqRel, Ordering::Acquire);
+                    if exact.is_ok() {
+                        return;
+                    }
+                }
+                let drained_at = written.unwrap_or(charged_at.saturating_add(inc));
+                if real_now() <= drained_at {
+                    let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                        Some(s.saturating_sub(inc))
+                    });
+                }
+            }
+            Algo::Window(p) => {
+                let seq = window::seq_of(charged_at, p);
+                let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                    Some(window::rollback(s, charged_at, cost, seq, p))
+                });
+            }
+            Algo::Concurrency(_) => self.release(cell, cost),
+        }
+    }
+
+    /// Gives back `cost` slots of a concurrency limit (a permit's release).
+    pub(crate) fn release(&self, cell: &AtomicU64, cost: u64) {
+        if let Algo::Concurrency(_) = self {
+            let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                Some(s.saturating_sub(cost))
+            });
+        }
     }
 
     /// Settles a token charge of `charged` units made at `charged_at`: `extra` more (debt
@@ -186,6 +231,62 @@ fn to_outcome(s: Step) -> Outcome {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A token bucket of 2, one unit per 10 ns.
+    fn bucket() -> Algo {
+        Algo::Gcra(GcraParams::new(1, 10, 2).unwrap())
+    }
+
+    fn charge(algo: &Algo, cell: &AtomicU64, now: u64) -> u64 {
+        match algo.try_charge(cell, now, 1) {
+            Outcome::Ok(s) => s,
+            other => panic!("expected a charge at {now}, got {other:?}"),
+        }
+    }
+
+    /// A rollback with nothing in between restores the cell exactly; one with another
+    /// charge in between that built on ours takes ours out and keeps theirs.
+    #[test]
+    fn rollback_takes_out_exactly_its_own_charge() {
+        let algo = bucket();
+        let cell = AtomicU64::new(0);
+        let w = charge(&algo, &cell, 0);
+        algo.rollback(&cell, 1, 0, Some(w), || panic!("no clock needed"));
+        assert_eq!(cell.load(Ordering::Relaxed), 0);
+
+        // A at 0 (TAT 10), B at 5 builds on it (TAT 20); A rolls back at 5.
+        let a = charge(&algo, &cell, 0);
+        charge(&algo, &cell, 5);
+        algo.rollback(&cell, 1, 0, Some(a), || 5);
+        assert_eq!(cell.load(Ordering::Relaxed), 10, "B's unit stays");
+    }
+
+    /// Thread A charges at 0 and stalls; B charges at 20, when A's unit has drained, so B
+    /// starts from an empty bucket; then A rolls back. Taking A's unit out would take B's:
+    /// the old rollback left TAT 20 and admitted a third unit at 20 (three in 20 ns from a
+    /// bucket of 2 that had drained only one). A's charge now stays.
+    #[test]
+    fn a_stalled_rollback_never_takes_out_a_later_charge() {
+        let algo = bucket();
+        let cell = AtomicU64::new(0);
+        let a = charge(&algo, &cell, 0);
+        charge(&algo, &cell, 20);
+        algo.rollback(&cell, 1, 0, Some(a), || 20);
+        assert_eq!(cell.load(Ordering::Relaxed), 30);
+        charge(&algo, &cell, 20);
+        assert!(matches!(algo.try_charge(&cell, 20, 1), Outcome::Refused(_)));
+        // Without the written state, the charge time bounds when A's unit drained.
+        let cell = AtomicU64::new(0);
+        charge(&algo, &cell, 0);
+        charge(&algo, &cell, 20);
+        algo.rollback(&cell, 1, 0, None, || 20);
+        assert_eq!(cell.load(Ordering::Relaxed), 30);
+    }
+}
+
 #[cfg(all(test, ratewarden_loom))]
 mod loom_tests {
     //! Model-checks the CAS cell: two threads racing on one GCRA cell admit exactly the burst,
@@ -220,6 +321,25 @@ mod loom_tests {
         });
     }
 
+    /// A charge rolled back while another thread charges the same bucket (the clock frozen,
+    /// as within one check): whatever the interleaving, exactly the other charge remains.
+    #[test]
+    fn loom_gcra_rollback_keeps_the_other_charge() {
+        loom::model(|| {
+            let algo = Algo::Gcra(GcraParams::new(1, 1_000, 2).unwrap());
+            let cell = Arc::new(AtomicU64::new(0));
+            let c2 = cell.clone();
+            let t = thread::spawn(move || {
+                if let Outcome::Ok(w) = algo.try_charge(&c2, 0, 1) {
+                    algo.rollback(&c2, 1, 0, Some(w), || 0);
+                }
+            });
+            assert!(algo.try_charge(&cell, 0, 1).is_ok());
+            t.join().unwrap();
+            assert_eq!(cell.load(Ordering::Relaxed), 1_000);
+        });
+    }
+
     #[test]
     fn loom_concurrency_slots_and_rollback() {
         loom::model(|| {
@@ -228,14 +348,14 @@ mod loom_tests {
             let c2 = cell.clone();
             let t = thread::spawn(move || {
                 if algo.try_charge(&c2, 0, 1).is_ok() {
-                    algo.rollback(&c2, 0, 1, 0);
+                    algo.rollback(&c2, 1, 0, None, || 0);
                     1
                 } else {
                     0
                 }
             });
             let mine = if algo.try_charge(&cell, 0, 1).is_ok() {
-                algo.rollback(&cell, 0, 1, 0);
+                algo.rollback(&cell, 1, 0, None, || 0);
                 1
             } else {
                 0
