@@ -397,7 +397,7 @@ impl Warden {
             .unwrap_or(Level::Normal);
         let mult = levels.map(|l| Engine::multiplier(l.0, rt));
         let hashes = handles.ids();
-        if let Some((si, l)) = Engine::denying(&levels) {
+        let (decision, verdict) = if let Some((si, l)) = Engine::denying(&levels) {
             self.counters.bump(Counter::DeniedBehavior);
             let denial = Denial {
                 kind: SubjectKind::ALL[si],
@@ -411,51 +411,27 @@ impl Warden {
                 level,
                 info: RateLimitInfo::default(),
             };
-            // The request's limits were not consulted: each subject's own pressure, and no
-            // pinned evidence for the subjects that did not deny it.
-            let pressure = pressures(subjects, now);
-            let pending = self.behavior.observe(
-                subjects,
-                hashes,
-                req,
-                now,
-                rt,
-                pressure,
-                Verdict::DeniedByBehavior,
-            );
-            (Decision::Deny(denial), pending)
+            (Decision::Deny(denial), Verdict::DeniedByBehavior)
         } else {
             match self.charge(req, subjects, now, &mult) {
-                Ok(best) => {
-                    let decision = self.admit(req, &handles, now, mult, level, best);
-                    let pressure = pressures(subjects, now);
-                    let pending = self.behavior.observe(
-                        subjects,
-                        hashes,
-                        req,
-                        now,
-                        rt,
-                        pressure,
-                        Verdict::Allowed,
-                    );
-                    (decision, pending)
-                }
-                Err(refusal) => {
-                    let denial = self.limit_denial(req, subjects, now, &mult, level, refusal);
-                    let pressure = pressures(subjects, now);
-                    let pending = self.behavior.observe(
-                        subjects,
-                        hashes,
-                        req,
-                        now,
-                        rt,
-                        pressure,
-                        Verdict::DeniedByLimit,
-                    );
-                    (Decision::Deny(denial), pending)
-                }
+                Ok(best) => (
+                    self.admit(req, &handles, now, mult, level, best),
+                    Verdict::Allowed,
+                ),
+                Err(refusal) => (
+                    Decision::Deny(self.limit_denial(req, subjects, now, &mult, level, refusal)),
+                    Verdict::DeniedByLimit,
+                ),
             }
-        }
+        };
+        // Each subject's pressure against its own limits, as this request left them (a
+        // behaviour denial consulted none: no pinned evidence for the subjects that did not
+        // deny it).
+        let pressure = pressures(subjects, now);
+        let pending = self
+            .behavior
+            .observe(subjects, hashes, req, now, rt, pressure, verdict);
+        (decision, pending)
     }
 
     /// Classic limits only (no levels, no signals): the lean path.
