@@ -100,6 +100,17 @@ impl Warden {
         Ok(out)
     }
 
+    /// The error for a control whose subject has no behavioural state even though it was
+    /// asked to be created: a policy swap turned the layer off meanwhile, or the subject is
+    /// not tracked and its table is full.
+    fn not_applied(&self, subject: &SubjectId) -> ControlError {
+        if self.policy().behavior.enabled {
+            ControlError::TableFull(subject.id.clone())
+        } else {
+            ControlError::BehaviorDisabled
+        }
+    }
+
     fn manual_event(&self, subject: &SubjectId, from: Level, to: Level, now: u64) {
         if from != to {
             self.behavior.emit(EscalationEvent {
@@ -124,7 +135,8 @@ impl Warden {
     ///
     /// [`ControlError::BehaviorDisabled`] when the policy has the behavioural layer off;
     /// [`ControlError::BadCluster`] for an IP cluster id that is not a configured network;
-    /// [`ControlError::TableFull`] for a subject not tracked while its table is full.
+    /// [`ControlError::TableFull`] for a subject not tracked while its table is full, unless
+    /// `level` is `normal` (an untracked subject is at `normal` already).
     ///
     /// # Examples
     ///
@@ -153,8 +165,11 @@ impl Warden {
             b.with(now, |s| s.set_manual(level, until));
             (from, b.levels(now).0, now)
         })?;
-        let (from, to, now) = r.ok_or_else(|| ControlError::TableFull(subject.id.clone()))?;
-        self.manual_event(subject, from, to, now);
+        match r {
+            Some((from, to, now)) => self.manual_event(subject, from, to, now),
+            None if level == Level::Normal => {}
+            None => return Err(self.not_applied(subject)),
+        }
         Ok(())
     }
 
@@ -190,12 +205,17 @@ impl Warden {
     ///
     /// # Errors
     ///
-    /// As for [`Warden::set_level`].
+    /// As for [`Warden::set_level`]; ending an exemption (`exempt: false`) of a subject that
+    /// cannot be tracked is not an error.
     pub fn set_exempt(&self, subject: &SubjectId, exempt: bool) -> Result<(), ControlError> {
-        self.with_slot(subject, true, |b, now| {
+        let r = self.with_slot(subject, true, |b, now| {
             b.with(now, |s| s.set_exempt(exempt))
-        })?
-        .ok_or_else(|| ControlError::TableFull(subject.id.clone()))
+        })?;
+        // Ending an exemption of a subject that is not tracked has nothing to do.
+        if r.is_none() && exempt {
+            return Err(self.not_applied(subject));
+        }
+        Ok(())
     }
 
     /// The behavioural state of a tracked subject, with the evidence it would be scored on

@@ -746,9 +746,14 @@ impl Warden {
     /// Subjects are migrated lazily, on their next check; each table's shared overflow entry
     /// (see `TablePolicy::max_subjects`) is migrated at once, in the same way.
     ///
-    /// Permits issued before the swap settle into the migrated state. A check that charges
-    /// the overflow entry, or a permit that releases into it, while `set_policy` migrates it
-    /// may act on the entry being replaced, and that one charge or release is then lost.
+    /// Permits issued before the swap settle into the migrated state. Two known gaps:
+    /// - a permit releases a slot of every concurrency limit its subject has when it ends, so
+    ///   a concurrency limit that a swap *adds* (or renames) is also released by the permits
+    ///   issued before it existed: until those finish, it can admit up to that many requests
+    ///   over its maximum;
+    /// - a check that charges the overflow entry, or a permit that releases into it, while
+    ///   `set_policy` migrates it may act on the entry being replaced, and that one charge or
+    ///   release is then lost (a lost release keeps a slot of the overflow entry held).
     ///
     /// Behavioural state carries over. A subject seen while the layer was off starts its
     /// behavioural state on its first check after a policy that switches the layer on;

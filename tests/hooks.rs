@@ -171,6 +171,9 @@ fn controls_on_a_full_table_say_so() {
         w.set_exempt(&bad, true),
         Err(ControlError::TableFull("sk-bad".into()))
     );
+    // Nothing to do is not an error: an untracked subject is at normal, and not exempt.
+    w.set_level(&bad, Level::Normal, None).unwrap();
+    w.set_exempt(&bad, false).unwrap();
     w.set_level(&SubjectId::api_key("a"), Level::Block, None)
         .unwrap();
     assert!(!w

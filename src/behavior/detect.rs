@@ -827,11 +827,17 @@ mod tests {
         assert!(!assess(SubjectKind::ApiKey, &sparse, &[], &p).featureless);
 
         let mut policy = BehaviorPolicy::default();
-        policy.levels.featureless_min_evidence_classes = 2;
+        policy.levels.featureless_min_evidence_classes = Some(2);
         let p = params(&policy);
         let t = assess(SubjectKind::ApiKey, &heavy, &[], &p).tally(&p, false);
         assert_eq!(t.needed, 2);
         assert!(!t.gate(&p));
+        // Unset, it follows a stricter min_evidence_classes: one fewer.
+        let mut policy = BehaviorPolicy::default();
+        policy.levels.min_evidence_classes = 3;
+        let p = params(&policy);
+        let t = assess(SubjectKind::ApiKey, &heavy, &[], &p).tally(&p, false);
+        assert_eq!(t.needed, 2);
     }
 
     #[test]

@@ -360,7 +360,9 @@ impl BehaviorParams {
             pinned_pressure: d.pinned.pressure as f32,
             fire_strength: l.fire_strength as f32,
             min_classes: l.min_evidence_classes,
-            featureless_min_classes: l.featureless_min_evidence_classes,
+            featureless_min_classes: l
+                .featureless_min_evidence_classes
+                .unwrap_or(l.min_evidence_classes.saturating_sub(1).max(1)),
             up: rules.map(|r| r.up as f32),
             down: rules.map(|r| r.down as f32),
             cooldown_ns: rules.map(|r| r.cooldown_s.saturating_mul(NS_PER_S)),

@@ -162,14 +162,15 @@ pub struct LevelsPolicy {
     /// `min_evidence_classes` for a subject whose requests carry no prompt features: fewer
     /// than one in ten has a SimHash or a template fingerprint (`Request::prompt_simhash`,
     /// `Request::template_fp`), so the coverage class cannot be observed at all. Default
-    /// `1`: without features, a key that draws extraction volume at a score of `throttle.up`
-    /// (for instance one key pinned at its limit with long answers, well past
-    /// `output_volume.full_tokens_per_min`) is throttled on that alone, where with features
-    /// it would also need to show coverage or coordination. Set it to
-    /// `min_evidence_classes` to ask features-less traffic for the same evidence (with the
+    /// unset: one class fewer than `min_evidence_classes`, and at least 1 (so `1` with the
+    /// default of `2`). Without features, a key that draws extraction volume at a score of
+    /// `throttle.up` (for instance one key pinned at its limit with long answers, well past
+    /// `output_volume.full_tokens_per_min`) is then throttled on that alone, where with
+    /// features it would also need to show coverage or coordination. Set it to
+    /// `min_evidence_classes` to ask featureless traffic for the same evidence (with the
     /// defaults and no features, nothing is then ever throttled). Validated to
     /// `1..=min_evidence_classes`.
-    pub featureless_min_evidence_classes: u32,
+    pub featureless_min_evidence_classes: Option<u32>,
     /// Throttle and above also need a firing detector that measures *volume* of extracted
     /// information: `output_volume`, `logprob_harvest`, `template_spread` (the family's
     /// volume per org) or `propagation` (escalated keys each had one). Default `true`: without
@@ -215,7 +216,7 @@ impl Default for LevelsPolicy {
                 cooldown_s: 1800,
             },
             min_evidence_classes: 2,
-            featureless_min_evidence_classes: 1,
+            featureless_min_evidence_classes: None,
             require_volume: true,
             fire_strength: 0.5,
             challenge_grace_s: 900,
@@ -965,7 +966,10 @@ impl LevelsPolicy {
                 "must be between 1 and 4",
             ));
         }
-        if !(1..=self.min_evidence_classes).contains(&self.featureless_min_evidence_classes) {
+        if self
+            .featureless_min_evidence_classes
+            .is_some_and(|n| !(1..=self.min_evidence_classes).contains(&n))
+        {
             return Err(invalid(
                 path,
                 "featureless_min_evidence_classes",
@@ -1179,7 +1183,7 @@ mod tests {
         // The featureless gate asks for 1 to min_evidence_classes classes.
         for bad in [0, 3] {
             let mut p = BehaviorPolicy::default();
-            p.levels.featureless_min_evidence_classes = bad;
+            p.levels.featureless_min_evidence_classes = Some(bad);
             let err = p.validate("b").unwrap_err();
             assert!(
                 matches!(err, ConfigError::Invalid { ref path, .. } if path == "b.levels.featureless_min_evidence_classes"),

@@ -13,10 +13,12 @@
 //! # Packing
 //!
 //! `seq` (24 bits, the window index modulo 2^24) | `cur` (20 bits) | `prev` (20 bits). Limits
-//! are therefore at most 1,048,575 per window (checked at build time). A subject left untouched
-//! for exactly a multiple of 2^24 windows would alias; idle subjects are evicted long before.
-//! A clock that goes back by at most 2^16 windows keeps the stored counts (no refund); one
-//! that goes back further is taken as a forward jump, and the counts are dropped.
+//! are therefore at most 1,048,575 per window (checked at build time). A clock that goes back
+//! by at most 2^16 windows keeps the stored counts (no refund); one that goes back further is
+//! taken as a forward jump, and the counts are dropped. The index wraps after 2^24 windows
+//! (4.7 hours of 1 ms windows, 194 days of 1 s ones): a subject left untouched for a multiple
+//! of that, or up to 2^16 windows short of one, is read as current or as a clock gone back,
+//! and keeps its old counts for at most 2^16 windows. Idle subjects are evicted long before.
 
 pub(crate) const MAX_WINDOW_LIMIT: u64 = (1 << 20) - 1;
 /// How far back (in windows) a clock may go and still be taken as going back (see `view`).
