@@ -312,10 +312,6 @@ pub(crate) struct PermitInner {
     pub(crate) tok: Option<Candidate>,
     /// Some subject has a concurrency limit: dropping must release it.
     pub(crate) holds_slots: bool,
-    /// Per subject, which concurrency limit this permit holds a slot of (`slot_id`; 0 for
-    /// none, `SEVERAL_SLOTS` for all of them), so that a limit a policy swap added or renamed
-    /// is not released by permits issued before it existed.
-    pub(crate) slots: [usize; 3],
     pub(crate) done: bool,
 }
 
@@ -360,17 +356,11 @@ impl PermitInner {
         if !self.holds_slots {
             return;
         }
-        let (mult, slots) = (self.mult, self.slots);
+        let mult = self.mult;
         warden.with_subjects(&self.handles, now, [false; 3], |i, e| {
             let m = mult[i].max(1);
-            let held = slots[i];
-            if held == 0 {
-                return;
-            }
             for (l, c) in e.set.limits.iter().zip(e.cells()) {
-                if l.algo.unit() == Unit::InFlight
-                    && (held == crate::warden::SEVERAL_SLOTS || held == crate::warden::slot_id(l))
-                {
+                if l.algo.unit() == Unit::InFlight {
                     l.algo.release(c, m);
                 }
             }

@@ -472,7 +472,6 @@ impl Warden {
         let mut best: [Option<(&LimitRt, u64)>; 2] = [None, None];
         let mut keep = 0u8;
         let mut holds_slots = false;
-        let mut slots = [0_usize; 3];
         // The states the first charges left, for an exact rollback (see `Algo::rollback`).
         let mut written = [0_u64; WRITTEN];
         let mut k = 0;
@@ -497,14 +496,7 @@ impl Warden {
                         let slot = match unit {
                             Unit::Requests => 0,
                             Unit::Tokens => 1,
-                            Unit::InFlight => {
-                                slots[si] = if slots[si] == 0 {
-                                    slot_id(l)
-                                } else {
-                                    SEVERAL_SLOTS
-                                };
-                                continue;
-                            }
+                            Unit::InFlight => continue,
                         };
                         let tighter = match best[slot] {
                             None => true,
@@ -533,7 +525,6 @@ impl Warden {
             best,
             keep,
             holds_slots,
-            slots,
         })
     }
 
@@ -554,7 +545,6 @@ impl Warden {
             best,
             keep,
             holds_slots,
-            slots,
         } = charged;
         let cand = |b: Option<(&LimitRt, u64)>| {
             b.map(|(l, state)| Candidate {
@@ -576,7 +566,6 @@ impl Warden {
                 req: cand(best[0]),
                 tok: cand(best[1]),
                 holds_slots,
-                slots,
                 done: false,
             },
         })
@@ -757,11 +746,11 @@ impl Warden {
     /// Subjects are migrated lazily, on their next check; each table's shared overflow entry
     /// (see `TablePolicy::max_subjects`) is migrated at once, in the same way.
     ///
-    /// Permits issued before the swap settle into the migrated state, and release only the
-    /// concurrency limits they took a slot of (by name), so a concurrency limit that a swap
-    /// adds or renames is not released by permits issued before it existed. Known gaps:
-    /// - a concurrency limit removed by one swap and added again, under the same name, by a
-    ///   later one is released by permits from before the removal if they are still live;
+    /// Permits issued before the swap settle into the migrated state. Two known gaps:
+    /// - a permit releases a slot of every concurrency limit its subject has when it ends, so
+    ///   a concurrency limit that a swap *adds* (or renames) is also released by the permits
+    ///   issued before it existed: until those finish, it can admit up to that many requests
+    ///   over its maximum;
     /// - a check that charges the overflow entry, or a permit that releases into it, while
     ///   `set_policy` migrates it may act on the entry being replaced, and that one charge or
     ///   release is then lost (a lost release keeps a slot of the overflow entry held).
@@ -948,18 +937,6 @@ struct Charged<'s> {
     keep: u8,
     /// Some kept subject has a concurrency limit.
     holds_slots: bool,
-    /// Per subject, the concurrency limit charged (see [`slot_id`]).
-    slots: [usize; 3],
-}
-
-/// In `PermitInner::slots`: the subject had several concurrency limits (release them all).
-pub(crate) const SEVERAL_SLOTS: usize = usize::MAX;
-
-/// Identifies a concurrency limit for a permit's release: the address of its interned name,
-/// the same for a limit of that name in every policy (never 0 or `SEVERAL_SLOTS`).
-#[inline]
-pub(crate) fn slot_id(l: &LimitRt) -> usize {
-    l.name.as_ptr() as usize
 }
 
 /// A refused limit: `(subject index, limit index, wait)`.
