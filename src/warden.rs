@@ -746,11 +746,13 @@ impl Warden {
     /// Subjects are migrated lazily, on their next check; each table's shared overflow entry
     /// (see `TablePolicy::max_subjects`) is migrated at once, in the same way.
     ///
-    /// Permits issued before the swap settle into the migrated state. Two known gaps:
-    /// - a permit releases a slot of every concurrency limit its subject has when it ends, so
-    ///   a concurrency limit that a swap *adds* (or renames) is also released by the permits
-    ///   issued before it existed: until those finish, it can admit up to that many requests
-    ///   over its maximum;
+    /// Permits issued before the swap settle into the migrated state. A permit releases a
+    /// slot of every concurrency limit its subject has when it ends, so a concurrency limit
+    /// that a swap adds or renames starts from the subject's requests in flight (the count
+    /// of one of its old concurrency limits). Known gaps:
+    /// - a concurrency limit that a swap removes, with no other concurrency limit left, and a
+    ///   later swap adds again is released by permits from before the removal if they are
+    ///   still live (up to that many requests over its maximum until they end);
     /// - a check that charges the overflow entry, or a permit that releases into it, while
     ///   `set_policy` migrates it may act on the entry being replaced, and that one charge or
     ///   release is then lost (a lost release keeps a slot of the overflow entry held).

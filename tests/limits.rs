@@ -350,6 +350,34 @@ fn a_changed_concurrency_maximum_keeps_the_requests_in_flight() {
     assert_eq!(held.len(), 3, "in flight after the old permits released");
 }
 
+/// A concurrency limit that a swap adds counts the requests already in flight: every
+/// permit releases all the concurrency limits of its subject when it ends, including one
+/// added after it was issued, so the new limit starts from the old one's count. (Starting
+/// at 0, the old permits' releases freed the new limit's slot and a second request got in.)
+#[test]
+fn a_concurrency_limit_added_by_a_swap_counts_the_requests_in_flight() {
+    let mut p = bare();
+    p.api_key
+        .insert("a".into(), LimitConfig::Concurrency { max: 10 });
+    let (w, _clock) = warden(p.clone());
+    let req = Request::new("k", "o", ip("10.0.0.1"));
+    let old: Vec<_> = (0..3).map(|_| w.check(&req)).collect();
+    assert!(old.iter().all(Decision::is_allowed));
+    p.api_key
+        .insert("b".into(), LimitConfig::Concurrency { max: 1 });
+    w.set_policy(p).unwrap();
+    let Decision::Deny(d) = w.check(&req) else {
+        panic!("three requests are in flight, b allows one")
+    };
+    assert_eq!(d.reason(), "api_key:b");
+    drop(old);
+    let held = w.check(&req);
+    assert!(held.is_allowed());
+    assert!(!w.check(&req).is_allowed(), "b's one slot is held");
+    drop(held);
+    assert!(w.check(&req).is_allowed());
+}
+
 /// A policy swap keeps the state of each table's shared overflow entry: a slot held in it
 /// stays held, and its shared allowance is not reset. (Before the fix every swap replaced
 /// the entry with a fresh one: 2 in flight under a maximum of 1.)

@@ -41,20 +41,24 @@ pub(crate) struct LimitSet {
 
 impl LimitSet {
     /// For each of `self`'s limits, the index of the limit in `old` whose state it keeps: an
-    /// identical limit (same name and parameters), or a concurrency limit of the same name
-    /// whatever its maximum, since its state is the count of live permits, which release
-    /// into it.
+    /// identical limit (same name and parameters). A concurrency limit keeps the count of
+    /// one in `old` whatever its maximum or name (the one of its name, else any): its state
+    /// is the subject's requests in flight, every one of which holds a slot of each of its
+    /// concurrency limits and releases them all when it ends, so a limit that a swap adds
+    /// or renames counts the requests already in flight, and their releases balance it.
     pub(crate) fn carry_from(&self, old: &LimitSet) -> Vec<Option<usize>> {
+        let in_flight = |a: &Algo| matches!(a, Algo::Concurrency(_));
         self.limits
             .iter()
             .map(|l| {
-                old.limits.iter().position(|o| {
+                let same = old.limits.iter().position(|o| {
                     o.name == l.name
-                        && (o.algo == l.algo
-                            || matches!(
-                                (o.algo, l.algo),
-                                (Algo::Concurrency(_), Algo::Concurrency(_))
-                            ))
+                        && (o.algo == l.algo || (in_flight(&o.algo) && in_flight(&l.algo)))
+                });
+                same.or_else(|| {
+                    in_flight(&l.algo)
+                        .then(|| old.limits.iter().position(|o| in_flight(&o.algo)))
+                        .flatten()
                 })
             })
             .collect()
