@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::behavior::Level;
-use crate::limit::{Algo, Unit};
+use crate::limit::Algo;
 use crate::subject::SubjectKind;
 use crate::table::Id;
 use crate::warden::Warden;
@@ -360,9 +360,7 @@ impl PermitInner {
         warden.with_subjects(&self.handles, now, [false; 3], |i, e| {
             let m = mult[i].max(1);
             for (l, c) in e.set.limits.iter().zip(e.cells()) {
-                if l.algo.unit() == Unit::InFlight {
-                    l.algo.release(c, m);
-                }
+                l.algo.release(c, m);
             }
         });
     }

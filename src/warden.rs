@@ -741,15 +741,13 @@ impl Warden {
     }
 
     /// Replaces the policy. Limits whose name and parameters did not change keep their state;
-    /// changed or new limits start fresh, except that a concurrency limit whose maximum
-    /// changed keeps its count of requests in flight (their permits release into it).
+    /// changed or new limits start fresh, except concurrency limits: a permit releases a slot
+    /// of every concurrency limit its subject has when it ends, so each keeps (or, when a
+    /// swap adds or renames it, takes from an old one) the count of requests in flight.
     /// Subjects are migrated lazily, on their next check; each table's shared overflow entry
     /// (see `TablePolicy::max_subjects`) is migrated at once, in the same way.
     ///
-    /// Permits issued before the swap settle into the migrated state. A permit releases a
-    /// slot of every concurrency limit its subject has when it ends, so a concurrency limit
-    /// that a swap adds or renames starts from the subject's requests in flight (the count
-    /// of one of its old concurrency limits). Known gaps:
+    /// Permits issued before the swap settle into the migrated state. Known gaps:
     /// - a concurrency limit that a swap removes, with no other concurrency limit left, and a
     ///   later swap adds again is released by permits from before the removal if they are
     ///   still live (up to that many requests over its maximum until they end);

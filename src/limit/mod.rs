@@ -139,20 +139,19 @@ impl Algo {
         }
         match self {
             Algo::Gcra(p) | Algo::Tokens(p) => {
-                let inc = cost.saturating_mul(p.t);
+                let undo = |s| gcra::adjust(s, charged_at, 0, cost, p);
                 if let Some(w) = written {
-                    let undone = w.saturating_sub(inc);
                     let exact =
-                        cell.compare_exchange(w, undone, Ordering::AcqRel, Ordering::Acquire);
+                        cell.compare_exchange(w, undo(w), Ordering::AcqRel, Ordering::Acquire);
                     if exact.is_ok() {
                         return;
                     }
                 }
-                let drained_at = written.unwrap_or(charged_at.saturating_add(inc));
+                let drained_at =
+                    written.unwrap_or(charged_at.saturating_add(cost.saturating_mul(p.t)));
                 if real_now() <= drained_at {
-                    let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
-                        Some(s.saturating_sub(inc))
-                    });
+                    let _ =
+                        cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| Some(undo(s)));
                 }
             }
             Algo::Window(p) => {
@@ -165,7 +164,8 @@ impl Algo {
         }
     }
 
-    /// Gives back `cost` slots of a concurrency limit (a permit's release).
+    /// Gives back `cost` slots of a concurrency limit (a permit's release); other limits
+    /// have no slots, and are left alone.
     pub(crate) fn release(&self, cell: &AtomicU64, cost: u64) {
         if let Algo::Concurrency(_) = self {
             let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
