@@ -57,6 +57,11 @@ probes=(
     # same orgs), before it has built up much evidence of its own.
     "attack keys rotated every 100||--scenarios E1,E2,E3,E4,E5,E6 --rotate-keys 100"
     "attack keys rotated every 20||--scenarios E1,E2,E3,E4,E5,E6 --rotate-keys 20"
+    "attack keys rotated every 5||--scenarios E1,E2,E3,E4,E5,E6 --rotate-keys 5"
+    "rotated every 20, half rate|--rate $(rates 0.5)|--scenarios E1,E2,E3,E4,E5,E6 --rotate-keys 20"
+    # Every key of every actor, benign too, replaced every 20 of its requests: a platform
+    # that mints short-lived keys (the benign side of rotation).
+    "every key rotated every 20||--scenarios all --rotate-keys 20"
     # A host that computes no prompt features: metadata only (tokens, timing, addresses);
     # with the benign stress variants, and with slower attacks.
     "no prompt features at all||--scenarios all --no-features"

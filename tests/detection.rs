@@ -116,6 +116,53 @@ fn without_prompt_features_benign_stays_clean_and_a_pinned_key_is_caught() {
     assert!(reduction > 0.1, "attack yield reduced by {reduction}");
 }
 
+/// Key rotation (`reshape.py --rotate-keys 20`): every attack key is replaced by a fresh key
+/// of the same org every 20 of its requests, too soon for any key to build evidence of its
+/// own. Per distinct key, E1's and E5's orgs then look like a customer's many modest keys;
+/// per key sending at once (one for E1 and E5, thirty for E2), they draw a key's extraction
+/// volume. This fails if a group's output is shared by its distinct keys (before the
+/// eleventh session E1 and E5 were never escalated and the yield reduction was 67.2%).
+#[test]
+fn keys_rotated_every_20_requests_are_caught_through_their_org() {
+    use std::collections::HashMap;
+    let cfg = sim::SimConfig::public_mix(1, MINUTES * 60_000);
+    let mut records = sim::generate(&cfg);
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    for (r, t) in &mut records {
+        if t.role == sim::Role::Attack {
+            let n = seen.entry(r.api_key.clone()).or_default();
+            r.api_key = format!("{}~{}", r.api_key, *n / 20);
+            *n += 1;
+        }
+    }
+    let run = pipeline::run_records(&records, cfg.seed, Policy::llm_api(), Default::default())
+        .expect("pipeline runs");
+    let report = &run.report;
+    println!("seed 1, attack keys rotated every 20 requests:\n{report}");
+    let s = &report.summary;
+    assert_eq!(s.benign_denied_pct(), 0.0, "benign requests denied");
+    assert!(
+        s.benign_escalated.is_empty(),
+        "benign actors escalated: {:?}",
+        s.benign_escalated
+    );
+    for name in ["E1", "E5"] {
+        let row = report
+            .rows
+            .iter()
+            .find(|r| r.scenario == name)
+            .expect("scenario in the mix");
+        assert!(
+            row.escalated_actors == row.actors && row.actors > 0,
+            "{name}: {} of {} actors escalated",
+            row.escalated_actors,
+            row.actors
+        );
+    }
+    let reduction = s.attack_yield_reduction.expect("a limits-only baseline");
+    assert!(reduction > 0.85, "attack yield reduced by {reduction}");
+}
+
 /// The org context of `template_sweep`, end to end through a warden: the same service key
 /// (one template, every prompt new, ~780-token answers to ~330-token prompts, 34 requests a
 /// minute: output volume at about half strength) is throttled when the rest of its org does

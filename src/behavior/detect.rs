@@ -19,7 +19,8 @@
 //! `regular_timing` to keys only (aggregates of many people are naturally diverse and
 //! irregular); `key_fanout`, `key_churn` and `propagation` to orgs and IP clusters only; the
 //! rest to all kinds, with `output_volume` counting only family-concentrated output for orgs
-//! and clusters.
+//! and clusters, except that a group most of whose keys are transient (key rotation) is also
+//! judged as one key, by its output per key sending at once ([`per_stream_output`]).
 //!
 //! A *prompt family* is what one template, or a few variants of one, filled with ever new
 //! content, looks like: the subject's dominant template fingerprint, or the prompts within
@@ -313,7 +314,7 @@ fn breadth(v: &SignalView, min_t: f64, full_t: f64, min_r: f64, full_r: f64) -> 
 /// How much an org, taken as a whole, looks like harvesting, in `[0, 1]`: the strongest of
 /// its traffic's concentration on one family (ramped as `template_sweep` ramps a subject's),
 /// its output/input token ratio (ramped from `org_min_ratio` to `org_full_ratio`) and its
-/// output per active key (ramped as `output_volume` ramps one key's, from
+/// output per active key ([`group_keys`]; ramped as `output_volume` ramps one key's, from
 /// `min_tokens_per_min` to `full_tokens_per_min`: its average key harvests). `None` while it
 /// has fewer than two active keys: a one-key org is its key. Its keys' sweeps count at
 /// `org_weight` at 0, in full at 1 (see `TemplateSweepPolicy::org_weight`).
@@ -324,11 +325,41 @@ pub(crate) fn org_shape(v: &SignalView, p: &BehaviorParams) -> Option<f32> {
         ramp(v.concentration, t.min_share, t.full_share)
             .max(ramp(v.out_in_ratio, t.org_min_ratio, t.org_full_ratio))
             .max(ramp(
-                v.out_per_min / v.peers,
+                v.out_per_min / group_keys(v),
                 o.min_tokens_per_min,
                 o.full_tokens_per_min,
             ))
     })
+}
+
+/// Whether most of a group's keys are transient: fewer than half of the current window's
+/// keys (at least two) were active in the previous window. A campaign that throws each key
+/// away after a few requests has many distinct keys, but they do not send side by side.
+fn transient_keys(v: &SignalView) -> bool {
+    v.window_peers >= 2.0 && 2.0 * v.persistent_peers < v.window_peers
+}
+
+/// The number of keys a group's output is shared by: its distinct keys in the windows or,
+/// when most of them are transient ([`transient_keys`]), the larger of the keys sending at
+/// once ([`SignalView::streams`]) and its stable keys, since rotation inflates the distinct
+/// count without adding capacity. With more keys than the sketch can count (a few hundred),
+/// which also hides which of them are stable, the keys sending at once. At least 1.
+pub(crate) fn group_keys(v: &SignalView) -> f32 {
+    if transient_keys(v) {
+        v.streams().max(v.persistent_peers).max(1.0)
+    } else if v.peers_saturated {
+        v.streams()
+    } else {
+        v.peers.max(1.0)
+    }
+}
+
+/// A group's output per key sending at once, when most of its keys are transient: such a
+/// group is also judged as one key would be (`output_volume`'s key thresholds). `None` for a
+/// group with stable keys (an enterprise's service keys, in every window but its first) or
+/// fewer than two keys in the window: its output counts only as a group's.
+pub(crate) fn per_stream_output(v: &SignalView) -> Option<f32> {
+    transient_keys(v).then(|| v.out_per_min / group_keys(v))
 }
 
 /// Runs every detector for one subject; `families` are the cross-index statistics of the
@@ -354,33 +385,42 @@ pub(crate) fn assess(
         let novelty = v
             .distinct_ratio
             .map_or(1.0, |r| ramp(r, o.min_distinct, o.full_distinct));
-        let s = if key {
+        let as_key = |volume| {
             ramp2(
-                v.out_per_min,
+                volume,
                 o.min_tokens_per_min,
                 o.full_tokens_per_min,
                 o.extreme_tokens_per_min,
             )
+        };
+        let (s, volume, hi) = if key {
+            (as_key(v.out_per_min), v.out_per_min, o.full_tokens_per_min)
         } else {
             let concentrated = v.out_per_min * v.concentration;
-            ramp2(
+            let group = ramp2(
                 concentrated,
                 o.group_min_tokens_per_min,
                 o.group_full_tokens_per_min,
                 o.group_extreme_tokens_per_min,
             ) * ramp(
-                concentrated / v.peers.max(1.0),
+                concentrated / group_keys(v),
                 o.group_min_tokens_per_key,
                 o.group_full_tokens_per_key,
-            )
-        } * ratio
-            * novelty;
-        let (volume, hi) = if key {
-            (v.out_per_min, o.full_tokens_per_min)
-        } else {
-            (v.out_per_min * v.concentration, o.group_full_tokens_per_min)
+            );
+            let per = per_stream_output(v);
+            let stream = per.map_or(0.0, as_key);
+            if stream > group {
+                (stream, per.unwrap_or(0.0), o.full_tokens_per_min)
+            } else {
+                (group, concentrated, o.group_full_tokens_per_min)
+            }
         };
-        a.set(DetectorId::OutputVolume, s, volume, hi as f32);
+        a.set(
+            DetectorId::OutputVolume,
+            s * ratio * novelty,
+            volume,
+            hi as f32,
+        );
     }
 
     // Extraction: logprobs on nearly everything, at a rate, over many prompt families.
@@ -642,6 +682,10 @@ mod tests {
             recent_families: Some(1.0),
             peers: 1.0,
             fresh_peers: 0.0,
+            window_peers: 1.0,
+            peers_saturated: false,
+            persistent_peers: 1.0,
+            block_keys: 0.0,
             cv: Some(0.9),
             org_shape: None,
             kids_enforced: 0.0,
@@ -685,6 +729,64 @@ mod tests {
         let reasons = a.reasons(&p, true);
         assert_eq!(reasons[0].detector, "output_volume");
         assert_eq!(reasons[1].detector, "template_sweep");
+    }
+
+    /// An org that sends through one key at a time and replaces it every few requests is
+    /// judged by its output per concurrent key, as one key would be; the same output from
+    /// the same number of stable keys sending side by side is a group's, and does not fire.
+    #[test]
+    fn a_group_of_transient_keys_is_judged_per_concurrent_key() {
+        let p = params(&BehaviorPolicy::default());
+        let o = &BehaviorPolicy::default().detectors.output_volume;
+        // `streams` keys sending evenly: the distinct keys a block of 16 requests holds.
+        let org = |persistent_peers, streams: f32| SignalView {
+            out_per_min: 60_000.0,
+            peers: 50.0,
+            window_peers: 25.0,
+            persistent_peers,
+            block_keys: streams * (1.0 - (1.0 - 1.0 / streams).powi(16)),
+            cv: None,
+            ..sweeping_key()
+        };
+        let near = |a: f32, b: f32| (a - b).abs() < 0.01 * b;
+        let vol = |v: &SignalView| {
+            assess(SubjectKind::Org, v, &[], &p).findings[DetectorId::OutputVolume.idx()]
+        };
+        // Rotation: 50 keys in the two windows, none in both, one sending at a time.
+        let rotating = org(0.0, 1.05);
+        let per = per_stream_output(&rotating).unwrap();
+        assert!(near(per, 60_000.0 / 1.05), "{per}");
+        let f = vol(&rotating);
+        assert!(f.strength >= 1.0, "{f:?}");
+        assert_eq!(f.threshold, o.full_tokens_per_min as f32);
+        // Stable keys, or transient keys sending side by side: a group's 60k/min is below
+        // its minimum.
+        for v in [org(25.0, 1.05), org(0.0, 50.0)] {
+            let f = vol(&v);
+            assert!(f.strength < 0.1, "{v:?} {f:?}");
+        }
+        assert_eq!(per_stream_output(&org(25.0, 1.05)), None);
+        // Per key, a stable group's output is shared by its distinct keys, a transient
+        // group's by its keys sending at once.
+        assert_eq!(group_keys(&org(25.0, 1.05)), 50.0);
+        assert!(near(group_keys(&org(0.0, 7.0)), 7.0));
+        assert_eq!(group_keys(&org(3.0, 1.05)), 3.0);
+        // More keys than the sketch counts: those sending at once, stable or not.
+        let crowded = SignalView {
+            peers_saturated: true,
+            ..org(25.0, 7.0)
+        };
+        assert!(near(group_keys(&crowded), 7.0));
+        // Just over half of the window's keys stable: a group.
+        assert_eq!(per_stream_output(&org(12.6, 1.05)), None);
+        assert!(per_stream_output(&org(12.4, 1.05)).is_some());
+        assert_eq!(
+            per_stream_output(&SignalView {
+                window_peers: 1.0,
+                ..rotating
+            }),
+            None
+        );
     }
 
     /// An org's shape: the strongest of its concentration on one family, its output/input

@@ -11,8 +11,9 @@
 //! | prompt family: majority SimHash (the *centroid*) of recent prompts | 3 × 64-bit bit-sliced saturating counters |
 //! | family share (prompts within `near_bits` of the centroid) | decayed sums |
 //! | prompt breadth without templates | ring of the last 8 SimHashes, clustered at evaluation |
-//! | key: distinct IP clusters; org/cluster: distinct keys and new keys | 2 × 128-bit bitmap |
-//! | inter-arrival regularity (coefficient of variation) | EW Welford mean and variance |
+//! | key: distinct IP clusters; org/cluster: distinct keys, new keys and stable keys | 2 × 128-bit bitmap |
+//! | key: inter-arrival regularity (coefficient of variation) | EW Welford mean and variance |
+//! | org/cluster: keys sending at once (distinct keys per block of 16 requests) | 32-bit bitmap, request count and smoothed count, in the bytes of a key's timing state |
 //! | escalated child keys (propagation), org and cluster only | 2 × 2 × 64-bit bitmaps, boxed on the first one |
 //!
 //! # Why hand-written sketches
@@ -252,7 +253,15 @@ impl<const W: usize> Windowed<W> {
         self.cur.or(&self.prev).estimate()
     }
 
-    /// Distinct items of the current window that were not in the previous one.
+    /// Whether the union of both windows has at most one bit in 16 clear: linear counting
+    /// then no longer tells a few hundred items from many more, nor old ones from new.
+    pub(crate) fn saturated(&self) -> bool {
+        self.cur.or(&self.prev).ones() * 16 >= 15 * 64 * W as u32
+    }
+
+    /// Distinct items of the current window that were not in the previous one (as
+    /// `Signals::view` computes `fresh_peers` from the estimates it reads once).
+    #[cfg(test)]
     pub(crate) fn fresh(&self) -> f32 {
         (self.distinct() - self.prev.estimate()).max(0.0)
     }
@@ -277,6 +286,36 @@ fn windows_passed(start_ns: &mut u64, now_ns: u64, window_ns: u64) -> u64 {
     let n = elapsed / window_ns;
     *start_ns = start_ns.saturating_add(n.saturating_mul(window_ns));
     n
+}
+
+/// Requests per block of a group's key count (see `SignalView::streams`).
+const BLOCK: u16 = 16;
+/// Smoothing of the per-block key count over blocks.
+const A_BLOCK: f32 = 0.25;
+
+/// The number of keys `k` sending side by side, evenly and in any order, whose blocks of
+/// `BLOCK` requests hold `d` distinct keys on average: the root of
+/// `k · (1 − (1 − 1/k)^BLOCK) = d`, found by bisection (the left side grows with `k`, from
+/// 1 at `k = 1` towards `BLOCK`). Capped at 1,000 (as many as `d` close to `BLOCK` says).
+pub(crate) fn keys_for_block_distinct(d: f32) -> f32 {
+    let n = i32::from(BLOCK);
+    let seen = |k: f32| k * (1.0 - (1.0 - 1.0 / k).powi(n));
+    let (mut lo, mut hi) = (1.0_f32, 1000.0_f32);
+    if d <= seen(lo) {
+        return 1.0;
+    }
+    if d.is_nan() || d >= seen(hi) {
+        return hi;
+    }
+    for _ in 0..40 {
+        let mid = 0.5 * (lo + hi);
+        if seen(mid) < d {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
 }
 
 /// Rotates a pair of per-window counts.
@@ -336,8 +375,14 @@ pub(crate) struct Signals {
     // EWMAs.
     ewma_out: f32,
     ewma_in: f32,
-    gap_mean: f32,
-    gap_var: f32,
+    /// Key: the mean inter-arrival gap (s), exponentially weighted. Org and cluster: the
+    /// distinct keys per block of `BLOCK` requests, smoothed over blocks (0 before the first
+    /// block; see `SignalView::streams`). Groups have no timing detector and keys no block
+    /// count, so the two share these bytes and `block`/`gaps`.
+    timing: f32,
+    /// Key: the exponentially weighted variance of the gaps, as `f32` bits. Org and
+    /// cluster: the 32-bit bitmap of the current block's keys.
+    block: u32,
     /// Smoothed number of distinct SimHash clusters among the recent prompts.
     breadth: f32,
 
@@ -347,6 +392,8 @@ pub(crate) struct Signals {
     /// Prompt fingerprints inserted in the current and previous prompt window (at most
     /// `PROMPT_FILL` each).
     prompt_n: [u16; 2],
+    /// Key: inter-arrival gaps seen (saturating). Org and cluster: requests in the current
+    /// block.
     gaps: u16,
     /// Requests observed since the subject's last evaluation (saturating). It and
     /// `F_EVALUATED` are the evaluation cadence's bookkeeping, kept here so that they share
@@ -414,6 +461,18 @@ pub(crate) struct SignalView {
     pub(crate) peers: f32,
     /// Peers of the current window that were not in the previous one.
     pub(crate) fresh_peers: f32,
+    /// Peers of the current window.
+    pub(crate) window_peers: f32,
+    /// Too many peers to count (about 350 or more over the windows; see
+    /// `Windowed::saturated`): `peers`, `window_peers` and `persistent_peers` are then lower
+    /// bounds at best.
+    pub(crate) peers_saturated: bool,
+    /// Peers of the current window that were also in the previous one (while the previous
+    /// window is empty, as in a subject's first window, all of them): a group's stable keys.
+    pub(crate) persistent_peers: f32,
+    /// Org and cluster: distinct keys per block of 16 requests, smoothed over blocks (0 for
+    /// keys and before a group's first block); see [`streams`](Self::streams).
+    pub(crate) block_keys: f32,
     /// Coefficient of variation of inter-arrival times.
     pub(crate) cv: Option<f32>,
     /// Key: how much its org as a whole looks like harvesting, in `[0, 1]`, when the org has
@@ -423,6 +482,21 @@ pub(crate) struct SignalView {
     pub(crate) kids_enforced: f32,
     /// Distinct escalated children (reported, shadow included).
     pub(crate) kids_reported: f32,
+}
+
+impl SignalView {
+    /// Org and cluster: the number of keys sending at once, read from `block_keys` as `k`
+    /// keys sending evenly in any order would give them (`keys_for_block_distinct`), in
+    /// `[1, peers]`: about 1 for one key at a time, however often it is replaced; 2 for two
+    /// keys that alternate. Blocks see up to about a dozen keys, so it tells "few" from
+    /// "many" rather than counting many. 1 before a group's first block (and for keys).
+    pub(crate) fn streams(&self) -> f32 {
+        if self.block_keys > 0.0 {
+            keys_for_block_distinct(self.block_keys).clamp(1.0, self.peers.max(1.0))
+        } else {
+            1.0
+        }
+    }
 }
 
 impl Signals {
@@ -446,8 +520,8 @@ impl Signals {
             near: 0.0,
             ewma_out: 0.0,
             ewma_in: 0.0,
-            gap_mean: 0.0,
-            gap_var: 0.0,
+            timing: 0.0,
+            block: 0,
             breadth: 0.0,
             win_reqs: [0; 2],
             prompt_n: [0; 2],
@@ -594,17 +668,39 @@ impl Signals {
             self.ewma_in += (input - self.ewma_in) * A_TOKENS;
         }
 
-        // Inter-arrival regularity: exponentially weighted Welford.
-        if self.flags & F_ARRIVAL != 0 {
+        let peer = match self.kind {
+            SubjectKind::ApiKey => obs.cluster_hash,
+            SubjectKind::Org | SubjectKind::IpCluster => obs.key_hash,
+        };
+        let peer = mix(peer, p.seed ^ SALT_PEER);
+        if self.kind != SubjectKind::ApiKey {
+            // Distinct keys per block of requests (groups have no timing detector; see the
+            // fields' docs).
+            self.block |= 1 << (peer >> 59);
+            self.gaps += 1;
+            if self.gaps >= BLOCK {
+                let d = linear_count(self.block.count_ones(), 32);
+                self.timing = if self.timing == 0.0 {
+                    d
+                } else {
+                    self.timing + (d - self.timing) * A_BLOCK
+                };
+                self.block = 0;
+                self.gaps = 0;
+            }
+        } else if self.flags & F_ARRIVAL != 0 {
+            // Inter-arrival regularity: exponentially weighted Welford (`timing` is the mean,
+            // `block` the variance's bits).
             let gap = to_f32(now.saturating_sub(self.last_ns)) * 1e-9;
             if self.gaps == 0 {
-                self.gap_mean = gap;
-                self.gap_var = 0.0;
+                self.timing = gap;
+                self.block = 0.0_f32.to_bits();
             } else {
-                let diff = gap - self.gap_mean;
+                let diff = gap - self.timing;
                 let incr = A_GAP * diff;
-                self.gap_mean += incr;
-                self.gap_var = (1.0 - A_GAP) * (self.gap_var + diff * incr);
+                self.timing += incr;
+                let var = f32::from_bits(self.block);
+                self.block = ((1.0 - A_GAP) * (var + diff * incr)).to_bits();
             }
             self.gaps = self.gaps.saturating_add(1);
         }
@@ -661,11 +757,7 @@ impl Signals {
             }
         }
 
-        let peer = match self.kind {
-            SubjectKind::ApiKey => obs.cluster_hash,
-            SubjectKind::Org | SubjectKind::IpCluster => obs.key_hash,
-        };
-        self.peers.insert(mix(peer, p.seed ^ SALT_PEER));
+        self.peers.insert(peer);
     }
 
     /// The majority SimHash of the recent prompts (see the module docs), once a prompt
@@ -831,8 +923,12 @@ impl Signals {
             }
         }
 
-        let cv = (self.gaps >= MIN_GAPS && self.gap_mean > 1e-6)
-            .then(|| self.gap_var.max(0.0).sqrt() / self.gap_mean);
+        let key = self.kind == SubjectKind::ApiKey;
+        let cv = (key && self.gaps >= MIN_GAPS && self.timing > 1e-6)
+            .then(|| f32::from_bits(self.block).max(0.0).sqrt() / self.timing);
+        // The peer sketch's three estimates (one logarithm each), read once.
+        let peers = self.peers.distinct();
+        let (cur_peers, prev_peers) = (self.peers.cur_estimate(), self.peers.prev_estimate());
 
         SignalView {
             req_per_min: self.reqs * per_min,
@@ -858,8 +954,16 @@ impl Signals {
             template_family_share: t_share,
             concentration,
             recent_families: (self.flags & F_BREADTH != 0).then_some(self.breadth),
-            peers: self.peers.distinct(),
-            fresh_peers: self.peers.fresh(),
+            peers,
+            fresh_peers: (peers - prev_peers).max(0.0),
+            window_peers: cur_peers,
+            peers_saturated: self.peers.saturated(),
+            persistent_peers: if prev_peers > 0.0 {
+                (cur_peers + prev_peers - peers).max(0.0)
+            } else {
+                cur_peers
+            },
+            block_keys: if key { 0.0 } else { self.timing },
             cv,
             org_shape: (self.kind == SubjectKind::ApiKey && self.org_shape != ORG_SHAPE_NONE)
                 .then(|| f32::from(self.org_shape) / ORG_SHAPE_SCALE),
@@ -1144,6 +1248,66 @@ mod tests {
         let peers = key.view(50 * S, &p).peers;
         assert!((peers - 50.0).abs() < 10.0, "{peers}");
         assert!((org.view(50 * S, &p).peers - 5.0).abs() < 1.0);
+    }
+
+    /// A group's blocks of requests measure how many keys send at once, and the two windows
+    /// which keys are stable: keys replaced every 20 requests look like one stream of new
+    /// keys (two streams when two such keys alternate), five keys in turn like five stable
+    /// ones, thirty like many.
+    #[test]
+    fn streams_and_persistent_keys_tell_rotation_from_many_keys() {
+        let p = params();
+        let window = p.window_ns / S; // seconds
+        let run = |key_of: &dyn Fn(u64) -> u64| {
+            let mut org = Signals::new(SubjectKind::Org, 0);
+            // Two windows and a half at one request per second.
+            let n = window * 5 / 2;
+            for i in 0..n {
+                let mut o = obs(i * S);
+                o.key_hash = key_of(i);
+                org.observe(&o, true, &p);
+            }
+            org.view(n * S, &p)
+        };
+        let rotating = run(&|i| 1000 + i / 20);
+        assert!(rotating.streams() < 2.5, "{rotating:?}");
+        assert!(
+            rotating.persistent_peers < 3.0 && rotating.peers > 10.0,
+            "{rotating:?}"
+        );
+        let alternating = run(&|i| 1000 + (i % 2) * 100_000 + i / 40);
+        assert!(
+            (1.5..3.5).contains(&alternating.streams()),
+            "{alternating:?}"
+        );
+        assert!(alternating.persistent_peers < 3.0, "{alternating:?}");
+        let five = run(&|i| i % 5);
+        assert!((3.5..7.0).contains(&five.streams()), "{five:?}");
+        assert!((five.persistent_peers - 5.0).abs() < 1.0, "{five:?}");
+        let thirty = run(&|i| (i * 7) % 30);
+        assert!(thirty.streams() > 12.0, "{thirty:?}");
+        // Keys take their timing detector's fields for nothing else.
+        let mut key = Signals::new(SubjectKind::ApiKey, 0);
+        for i in 0..100_u64 {
+            key.observe(&obs(i * S), true, &p);
+        }
+        let v = key.view(100 * S, &p);
+        assert_eq!((v.block_keys, v.streams()), (0.0, 1.0));
+        assert!(v.cv.unwrap() < 0.01, "{v:?}");
+        assert!(five.cv.is_none() && rotating.cv.is_none());
+    }
+
+    #[test]
+    fn block_distinct_counts_invert_to_keys() {
+        assert_eq!(keys_for_block_distinct(0.5), 1.0);
+        assert_eq!(keys_for_block_distinct(1.0), 1.0);
+        for k in [2.0_f32, 5.0, 30.0, 200.0] {
+            let d = k * (1.0 - (1.0 - 1.0 / k).powi(16));
+            let back = keys_for_block_distinct(d);
+            assert!((back - k).abs() / k < 0.01, "{k} -> {d} -> {back}");
+        }
+        assert_eq!(keys_for_block_distinct(16.0), 1000.0);
+        assert_eq!(keys_for_block_distinct(f32::NAN), 1000.0);
     }
 
     #[test]
