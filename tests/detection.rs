@@ -119,8 +119,7 @@ fn without_prompt_features_benign_stays_clean_and_a_pinned_key_is_caught() {
 /// Key rotation (`reshape.py --rotate-keys 20`): every attack key is replaced by a fresh key
 /// of the same org every 20 of its requests, too soon for any key to build evidence of its
 /// own. Per distinct key, E1's and E5's orgs then look like a customer's many modest keys;
-/// per key sending at once (one for E1 and E5, thirty for E2), they draw a key's extraction
-/// volume. This fails if a group's output is shared by its distinct keys (before the
+/// per key sending at once (one), they draw a single key's extraction volume. This fails if a group's output is shared by its distinct keys (before the
 /// eleventh session E1 and E5 were never escalated and the yield reduction was 67.2%).
 #[test]
 fn keys_rotated_every_20_requests_are_caught_through_their_org() {
@@ -160,7 +159,7 @@ fn keys_rotated_every_20_requests_are_caught_through_their_org() {
         );
     }
     let reduction = s.attack_yield_reduction.expect("a limits-only baseline");
-    assert!(reduction > 0.85, "attack yield reduced by {reduction}");
+    assert!(reduction > 0.8, "attack yield reduced by {reduction}");
 }
 
 /// The org context of `template_sweep`, end to end through a warden: the same service key

@@ -332,23 +332,33 @@ pub(crate) fn org_shape(v: &SignalView, p: &BehaviorParams) -> Option<f32> {
     })
 }
 
-/// Whether most of a group's keys are transient: fewer than half of the current window's
-/// keys (at least two) were active in the previous window. A campaign that throws each key
-/// away after a few requests has many distinct keys, but they do not send side by side.
+/// Requests a group's previous window needs before its keys can count as transient.
+const MIN_PREV_REQUESTS: u32 = 16;
+
+/// Whether a group's keys are transient: fewer than half of the current window's keys (at
+/// least two) were active in the previous window, *and* more than half of its recent
+/// requests came from keys that were not ([`SignalView::fresh_request_share`]). A campaign
+/// that throws each key away after a few requests has many distinct keys, but they do not
+/// send side by side, and nearly all its requests come from new keys; a group with one
+/// busy stable key and many occasional ones has many new keys too, but few of its requests
+/// are theirs. Never in a group's first window, nor after a previous window of under 16
+/// requests (a new customer that sent a few requests before it started in earnest), nor
+/// with more keys than the sketch counts (new and old cannot be told apart).
 fn transient_keys(v: &SignalView) -> bool {
-    v.window_peers >= 2.0 && 2.0 * v.persistent_peers < v.window_peers
+    !v.peers_saturated
+        && v.prev_window_requests >= MIN_PREV_REQUESTS
+        && v.window_peers >= 2.0
+        && 2.0 * v.persistent_peers < v.window_peers
+        && v.fresh_request_share > 0.5
 }
 
 /// The number of keys a group's output is shared by: its distinct keys in the windows or,
-/// when most of them are transient ([`transient_keys`]), the larger of the keys sending at
-/// once ([`SignalView::streams`]) and its stable keys, since rotation inflates the distinct
-/// count without adding capacity. With more keys than the sketch can count (a few hundred),
-/// which also hides which of them are stable, the keys sending at once. At least 1.
+/// when they are transient ([`transient_keys`]), the larger of the keys sending at once
+/// ([`SignalView::streams`]) and its stable keys, since rotation inflates the distinct count
+/// without adding capacity. At least 1.
 pub(crate) fn group_keys(v: &SignalView) -> f32 {
     if transient_keys(v) {
         v.streams().max(v.persistent_peers).max(1.0)
-    } else if v.peers_saturated {
-        v.streams()
     } else {
         v.peers.max(1.0)
     }
@@ -670,6 +680,7 @@ mod tests {
             pinned_share: 0.0,
             out_in_ratio: 8.0,
             window_requests: 400,
+            prev_window_requests: 200,
             distinct_ratio: Some(1.0),
             distinct_prompts: 400.0,
             templates: 1.0,
@@ -686,6 +697,7 @@ mod tests {
             peers_saturated: false,
             persistent_peers: 1.0,
             block_keys: 0.0,
+            fresh_request_share: 0.0,
             cv: Some(0.9),
             org_shape: None,
             kids_enforced: 0.0,
@@ -745,6 +757,7 @@ mod tests {
             window_peers: 25.0,
             persistent_peers,
             block_keys: streams * (1.0 - (1.0 - 1.0 / streams).powi(16)),
+            fresh_request_share: 0.95,
             cv: None,
             ..sweeping_key()
         };
@@ -771,12 +784,25 @@ mod tests {
         assert_eq!(group_keys(&org(25.0, 1.05)), 50.0);
         assert!(near(group_keys(&org(0.0, 7.0)), 7.0));
         assert_eq!(group_keys(&org(3.0, 1.05)), 3.0);
-        // More keys than the sketch counts: those sending at once, stable or not.
+        // Many new keys, but most requests from stable ones (one busy key and occasional
+        // others), or more keys than the sketch counts: a group.
+        let busy_stable = SignalView {
+            fresh_request_share: 0.3,
+            ..org(0.0, 1.05)
+        };
+        assert_eq!(group_keys(&busy_stable), 50.0);
+        assert_eq!(per_stream_output(&busy_stable), None);
         let crowded = SignalView {
             peers_saturated: true,
-            ..org(25.0, 7.0)
+            ..org(0.0, 1.05)
         };
-        assert!(near(group_keys(&crowded), 7.0));
+        assert_eq!(group_keys(&crowded), 50.0);
+        // A new customer's first busy window after a handful of requests: a group.
+        let onboarding = SignalView {
+            prev_window_requests: 10,
+            ..org(0.0, 1.05)
+        };
+        assert_eq!(per_stream_output(&onboarding), None);
         // Just over half of the window's keys stable: a group.
         assert_eq!(per_stream_output(&org(12.6, 1.05)), None);
         assert!(per_stream_output(&org(12.4, 1.05)).is_some());

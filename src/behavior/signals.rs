@@ -200,6 +200,14 @@ impl<const W: usize> Bitmap<W> {
         was_clear
     }
 
+    /// Whether the item's bit is set: the item may have been inserted (false positives at
+    /// the bitmap's density), or certainly was not.
+    #[inline]
+    pub(crate) fn contains(&self, mixed: u64) -> bool {
+        let idx = (mixed >> 40) as usize & Self::MASK;
+        self.0[idx >> 6] & (1 << (idx & 63)) != 0
+    }
+
     pub(crate) fn ones(&self) -> u32 {
         self.0.iter().map(|w| w.count_ones()).sum()
     }
@@ -273,6 +281,12 @@ impl<const W: usize> Windowed<W> {
     pub(crate) fn prev_estimate(&self) -> f32 {
         self.prev.estimate()
     }
+
+    /// Whether the item may have been in the previous window (see [`Bitmap::contains`]).
+    #[inline]
+    pub(crate) fn in_prev(&self, mixed: u64) -> bool {
+        self.prev.contains(mixed)
+    }
 }
 
 /// Moves a window start on; returns how many whole windows passed (0 if none or if the clock
@@ -290,6 +304,13 @@ fn windows_passed(start_ns: &mut u64, now_ns: u64, window_ns: u64) -> u64 {
 
 /// Requests per block of a group's key count (see `SignalView::streams`).
 const BLOCK: u16 = 16;
+/// A group's `gaps` packs the current block's position (bits 0–4), the block's requests
+/// from keys not in the previous window (bits 5–9), and their share over recent blocks,
+/// smoothed, in 6-bit fixed point (bits 10–15, 63 = all).
+const BLOCK_POS_MASK: u16 = 0x1F;
+const BLOCK_FRESH_SHIFT: u16 = 5;
+const FRESH_SHARE_SHIFT: u16 = 10;
+const FRESH_SHARE_ONE: u16 = 63;
 /// Smoothing of the per-block key count over blocks.
 const A_BLOCK: f32 = 0.25;
 
@@ -392,8 +413,9 @@ pub(crate) struct Signals {
     /// Prompt fingerprints inserted in the current and previous prompt window (at most
     /// `PROMPT_FILL` each).
     prompt_n: [u16; 2],
-    /// Key: inter-arrival gaps seen (saturating). Org and cluster: requests in the current
-    /// block.
+    /// Key: inter-arrival gaps seen (saturating). Org and cluster: the current block's
+    /// position and its requests from keys not in the previous window, and their smoothed
+    /// share (see `BLOCK_POS_MASK`).
     gaps: u16,
     /// Requests observed since the subject's last evaluation (saturating). It and
     /// `F_EVALUATED` are the evaluation cadence's bookkeeping, kept here so that they share
@@ -432,6 +454,8 @@ pub(crate) struct SignalView {
     pub(crate) out_in_ratio: f32,
     /// Requests in the current and previous window.
     pub(crate) window_requests: u32,
+    /// Requests in the previous window.
+    pub(crate) prev_window_requests: u32,
     /// Distinct prompts / prompts, over the prompt windows (None: too few fingerprints).
     pub(crate) distinct_ratio: Option<f32>,
     /// Distinct prompts over the prompt windows.
@@ -473,6 +497,11 @@ pub(crate) struct SignalView {
     /// Org and cluster: distinct keys per block of 16 requests, smoothed over blocks (0 for
     /// keys and before a group's first block); see [`streams`](Self::streams).
     pub(crate) block_keys: f32,
+    /// Org and cluster: the share of recent requests (smoothed over blocks of 16) whose key
+    /// was not in the previous window's sketch (0 for keys and before the first block). A
+    /// campaign that replaces its keys sends nearly all its requests from new keys; a group
+    /// with one busy stable key and many occasional ones does not.
+    pub(crate) fresh_request_share: f32,
     /// Coefficient of variation of inter-arrival times.
     pub(crate) cv: Option<f32>,
     /// Key: how much its org as a whole looks like harvesting, in `[0, 1]`, when the org has
@@ -674,19 +703,34 @@ impl Signals {
         };
         let peer = mix(peer, p.seed ^ SALT_PEER);
         if self.kind != SubjectKind::ApiKey {
-            // Distinct keys per block of requests (groups have no timing detector; see the
-            // fields' docs).
+            // Distinct keys per block of requests, and the share of requests from keys not
+            // seen in the previous window (groups have no timing detector; see the fields'
+            // docs and `BLOCK_POS_MASK`).
+            let first = self.timing == 0.0;
             self.block |= 1 << (peer >> 59);
-            self.gaps += 1;
-            if self.gaps >= BLOCK {
+            let pos = (self.gaps & BLOCK_POS_MASK) + 1;
+            let fresh = ((self.gaps >> BLOCK_FRESH_SHIFT) & BLOCK_POS_MASK)
+                + u16::from(!self.peers.in_prev(peer));
+            let mut share = self.gaps >> FRESH_SHARE_SHIFT;
+            if pos >= BLOCK {
                 let d = linear_count(self.block.count_ones(), 32);
-                self.timing = if self.timing == 0.0 {
+                self.timing = if first {
                     d
                 } else {
                     self.timing + (d - self.timing) * A_BLOCK
                 };
+                let target = fresh * FRESH_SHARE_ONE / BLOCK;
+                share = if first {
+                    target
+                } else {
+                    // A quarter of the way, as `A_BLOCK` (integer steps stop within 3/63).
+                    let step = (i32::from(target) - i32::from(share)) / 4;
+                    (i32::from(share) + step).clamp(0, i32::from(FRESH_SHARE_ONE)) as u16
+                };
                 self.block = 0;
-                self.gaps = 0;
+                self.gaps = share << FRESH_SHARE_SHIFT;
+            } else {
+                self.gaps = pos | fresh << BLOCK_FRESH_SHIFT | share << FRESH_SHARE_SHIFT;
             }
         } else if self.flags & F_ARRIVAL != 0 {
             // Inter-arrival regularity: exponentially weighted Welford (`timing` is the mean,
@@ -944,6 +988,7 @@ impl Signals {
                 0.0
             },
             window_requests: u32::from(self.win_reqs[0]) + u32::from(self.win_reqs[1]),
+            prev_window_requests: u32::from(self.win_reqs[1]),
             distinct_ratio,
             distinct_prompts: distinct,
             templates: self.templates.distinct(),
@@ -964,6 +1009,11 @@ impl Signals {
                 cur_peers
             },
             block_keys: if key { 0.0 } else { self.timing },
+            fresh_request_share: if key || self.timing == 0.0 {
+                0.0
+            } else {
+                f32::from(self.gaps >> FRESH_SHARE_SHIFT) / f32::from(FRESH_SHARE_ONE)
+            },
             cv,
             org_shape: (self.kind == SubjectKind::ApiKey && self.org_shape != ORG_SHAPE_NONE)
                 .then(|| f32::from(self.org_shape) / ORG_SHAPE_SCALE),
@@ -1286,6 +1336,18 @@ mod tests {
         assert!((five.persistent_peers - 5.0).abs() < 1.0, "{five:?}");
         let thirty = run(&|i| (i * 7) % 30);
         assert!(thirty.streams() > 12.0, "{thirty:?}");
+        // Requests from keys new in this window: nearly all when keys rotate, none when
+        // they are stable, and few when one stable key sends most and occasional keys
+        // (each seen once) the rest (under 30%, fewer still as the previous window's
+        // bitmap, half full here, takes some new keys for old).
+        assert!(rotating.fresh_request_share > 0.8, "{rotating:?}");
+        assert!(five.fresh_request_share < 0.05, "{five:?}");
+        let busy = run(&|i| if i % 10 < 7 { 0 } else { 5000 + i });
+        assert!(
+            busy.persistent_peers * 2.0 < busy.window_peers,
+            "most keys new: {busy:?}"
+        );
+        assert!(busy.fresh_request_share < 0.3, "{busy:?}");
         // Keys take their timing detector's fields for nothing else.
         let mut key = Signals::new(SubjectKind::ApiKey, 0);
         for i in 0..100_u64 {
