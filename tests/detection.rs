@@ -94,6 +94,13 @@ fn without_prompt_features_benign_stays_clean_and_a_pinned_key_is_caught() {
         .expect("pipeline runs");
     let report = &run.report;
     println!("seed 1 without prompt features:\n{report}");
+    let reduction = benign_clean_and_caught(report, &["E1"]);
+    assert!(reduction > 0.1, "attack yield reduced by {reduction}");
+}
+
+/// Asserts that no benign request was denied and no benign actor escalated, and that every
+/// actor of each named scenario was escalated; returns the attack yield reduction.
+fn benign_clean_and_caught(report: &eval::Report, scenarios: &[&str]) -> f64 {
     let s = &report.summary;
     assert_eq!(s.benign_denied_pct(), 0.0, "benign requests denied");
     assert!(
@@ -101,26 +108,28 @@ fn without_prompt_features_benign_stays_clean_and_a_pinned_key_is_caught() {
         "benign actors escalated: {:?}",
         s.benign_escalated
     );
-    let e1 = report
-        .rows
-        .iter()
-        .find(|r| r.scenario == "E1")
-        .expect("E1 is in the mix");
-    assert!(
-        e1.escalated_actors == e1.actors && e1.actors > 0,
-        "E1: {} of {} actors escalated",
-        e1.escalated_actors,
-        e1.actors
-    );
-    let reduction = s.attack_yield_reduction.expect("a limits-only baseline");
-    assert!(reduction > 0.1, "attack yield reduced by {reduction}");
+    for name in scenarios {
+        let row = report
+            .rows
+            .iter()
+            .find(|r| r.scenario == *name)
+            .expect("scenario in the mix");
+        assert!(
+            row.escalated_actors == row.actors && row.actors > 0,
+            "{name}: {} of {} actors escalated",
+            row.escalated_actors,
+            row.actors
+        );
+    }
+    s.attack_yield_reduction.expect("a limits-only baseline")
 }
 
 /// Key rotation (`reshape.py --rotate-keys 20`): every attack key is replaced by a fresh key
 /// of the same org every 20 of its requests, too soon for any key to build evidence of its
 /// own. Per distinct key, E1's and E5's orgs then look like a customer's many modest keys;
-/// per key sending at once (one), they draw a single key's extraction volume. This fails if a group's output is shared by its distinct keys (before the
-/// eleventh session E1 and E5 were never escalated and the yield reduction was 67.2%).
+/// per key sending at once (one), they draw a single key's extraction volume. This fails if
+/// a group's output is shared by its distinct keys (before the eleventh session E1 and E5
+/// were never escalated and the yield reduction was 67.2%).
 #[test]
 fn keys_rotated_every_20_requests_are_caught_through_their_org() {
     use std::collections::HashMap;
@@ -138,27 +147,7 @@ fn keys_rotated_every_20_requests_are_caught_through_their_org() {
         .expect("pipeline runs");
     let report = &run.report;
     println!("seed 1, attack keys rotated every 20 requests:\n{report}");
-    let s = &report.summary;
-    assert_eq!(s.benign_denied_pct(), 0.0, "benign requests denied");
-    assert!(
-        s.benign_escalated.is_empty(),
-        "benign actors escalated: {:?}",
-        s.benign_escalated
-    );
-    for name in ["E1", "E5"] {
-        let row = report
-            .rows
-            .iter()
-            .find(|r| r.scenario == name)
-            .expect("scenario in the mix");
-        assert!(
-            row.escalated_actors == row.actors && row.actors > 0,
-            "{name}: {} of {} actors escalated",
-            row.escalated_actors,
-            row.actors
-        );
-    }
-    let reduction = s.attack_yield_reduction.expect("a limits-only baseline");
+    let reduction = benign_clean_and_caught(report, &["E1", "E5"]);
     assert!(reduction > 0.8, "attack yield reduced by {reduction}");
 }
 
