@@ -245,3 +245,54 @@ fn a_service_key_of_a_diversified_org_is_watched_not_throttled() {
     assert_eq!(sweep("svc-enterprise"), Some(0.5));
     assert!(enterprise.score < 1.4, "{enterprise:?}");
 }
+
+/// The benign side of key rotation, end to end: an org with one busy, stable service key
+/// (diverse prompts, long answers: output volume, but no coverage) and a stream of occasional
+/// keys that each send one request and never return (a sign-up funnel, a CI fleet minting
+/// keys). Most of its keys are new in every window, as in a rotating campaign, but most of
+/// its requests come from the stable key, so the org is judged as a group: its output per
+/// distinct key is small and it is not throttled, and no occasional key is refused. This
+/// fails if transience is judged by the keys alone (the org's output is then judged as one
+/// key's, and with `key_fanout` the org is throttled).
+#[test]
+fn one_busy_stable_key_with_occasional_new_keys_is_not_rotation() {
+    use ratewarden::{Decision, Level, ManualClock, Request, SubjectId, Warden};
+    use std::net::{IpAddr, Ipv4Addr};
+
+    let clock = ManualClock::new();
+    let w = Warden::builder()
+        .policy(Policy::llm_api())
+        .clock(clock.clone())
+        .seed(7)
+        .build()
+        .unwrap();
+    let ip = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7));
+    let (mut n, mut refused) = (0_u64, 0_u32);
+    // 20 minutes: the busy key every 1.2 s (50 requests/min, 1,600-token answers to
+    // 300-token prompts: 80k output tokens/min), a new key every 10 s (one request in nine).
+    for t in (0..20 * 60_000_u64).step_by(100) {
+        clock.set_millis(t);
+        let key = if t % 1_200 == 0 {
+            "svc-busy".to_string()
+        } else if t % 10_000 == 600 {
+            format!("new-{t}")
+        } else {
+            continue;
+        };
+        n += 1;
+        let h = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let req = Request::new(&key, "platform", ip)
+            .input_tokens(300)
+            .expected_output_tokens(1_600)
+            .prompt_fp(h)
+            .prompt_simhash(h.rotate_left(17));
+        match w.check(&req) {
+            Decision::Allow(p) => p.settle(1_600),
+            Decision::Deny(_) if key != "svc-busy" => refused += 1,
+            Decision::Deny(_) => {}
+        }
+    }
+    let org = w.inspect(&SubjectId::org("platform")).unwrap();
+    assert!(org.level < Level::Throttle, "{org:?}");
+    assert_eq!(refused, 0, "occasional keys refused; org: {org:?}");
+}
