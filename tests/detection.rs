@@ -160,16 +160,10 @@ fn keys_rotated_every_20_requests_are_caught_through_their_org() {
 /// key's sweep ignores it.
 #[test]
 fn a_service_key_of_a_diversified_org_is_watched_not_throttled() {
-    use ratewarden::{Decision, Level, ManualClock, Request, SubjectId, Warden};
+    use ratewarden::{Decision, Level, Request, SubjectId};
     use std::net::{IpAddr, Ipv4Addr};
 
-    let clock = ManualClock::new();
-    let w = Warden::builder()
-        .policy(Policy::llm_api())
-        .clock(clock.clone())
-        .seed(7)
-        .build()
-        .unwrap();
+    let (clock, w) = preset_warden();
     // (key, org, period ms, template, input, output, simhash base)
     type Actor = (String, &'static str, u64, u64, u64, u64, u64);
     let mut actors: Vec<Actor> = Vec::new();
@@ -256,16 +250,10 @@ fn a_service_key_of_a_diversified_org_is_watched_not_throttled() {
 /// key's, and with `key_fanout` the org is throttled).
 #[test]
 fn one_busy_stable_key_with_occasional_new_keys_is_not_rotation() {
-    use ratewarden::{Decision, Level, ManualClock, Request, SubjectId, Warden};
+    use ratewarden::{Decision, Level, Request, SubjectId};
     use std::net::{IpAddr, Ipv4Addr};
 
-    let clock = ManualClock::new();
-    let w = Warden::builder()
-        .policy(Policy::llm_api())
-        .clock(clock.clone())
-        .seed(7)
-        .build()
-        .unwrap();
+    let (clock, w) = preset_warden();
     let ip = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7));
     let (mut n, mut refused) = (0_u64, 0_u32);
     // 20 minutes: the busy key every 1.2 s (50 requests/min, 1,600-token answers to
@@ -295,4 +283,16 @@ fn one_busy_stable_key_with_occasional_new_keys_is_not_rotation() {
     let org = w.inspect(&SubjectId::org("platform")).unwrap();
     assert!(org.level < Level::Throttle, "{org:?}");
     assert_eq!(refused, 0, "occasional keys refused; org: {org:?}");
+}
+
+/// A warden with the `llm_api` preset on a manual clock, with a fixed hashing seed.
+fn preset_warden() -> (ratewarden::ManualClock, ratewarden::Warden) {
+    let clock = ratewarden::ManualClock::new();
+    let w = ratewarden::Warden::builder()
+        .policy(Policy::llm_api())
+        .clock(clock.clone())
+        .seed(7)
+        .build()
+        .unwrap();
+    (clock, w)
 }

@@ -20,7 +20,7 @@
 //! irregular); `key_fanout`, `key_churn` and `propagation` to orgs and IP clusters only; the
 //! rest to all kinds, with `output_volume` counting only family-concentrated output for orgs
 //! and clusters, except that a group most of whose keys are transient (key rotation) is also
-//! judged as one key, by its output per key sending at once ([`per_stream_output`]).
+//! judged as one key, by its output per key sending at once ([`group_share`]).
 //!
 //! A *prompt family* is what one template, or a few variants of one, filled with ever new
 //! content, looks like: the subject's dominant template fingerprint, or the prompts within
@@ -357,19 +357,27 @@ fn transient_keys(v: &SignalView) -> bool {
 /// ([`SignalView::streams`]) and its stable keys, since rotation inflates the distinct count
 /// without adding capacity. At least 1.
 pub(crate) fn group_keys(v: &SignalView) -> f32 {
+    group_share(v).0
+}
+
+/// [`group_keys`], and the output per key sending at once when the keys are transient:
+/// such a group is also judged as one key would be (`output_volume`'s key thresholds).
+/// `None` for a group with stable keys (an enterprise's service keys, in every window but
+/// its first) or fewer than two keys in the window: its output counts only as a group's.
+/// One call works out `streams` (a bisection) once.
+fn group_share(v: &SignalView) -> (f32, Option<f32>) {
     if transient_keys(v) {
-        v.streams().max(v.persistent_peers).max(1.0)
+        let keys = v.streams().max(v.persistent_peers).max(1.0);
+        (keys, Some(v.out_per_min / keys))
     } else {
-        v.peers.max(1.0)
+        (v.peers.max(1.0), None)
     }
 }
 
-/// A group's output per key sending at once, when most of its keys are transient: such a
-/// group is also judged as one key would be (`output_volume`'s key thresholds). `None` for a
-/// group with stable keys (an enterprise's service keys, in every window but its first) or
-/// fewer than two keys in the window: its output counts only as a group's.
-pub(crate) fn per_stream_output(v: &SignalView) -> Option<f32> {
-    transient_keys(v).then(|| v.out_per_min / group_keys(v))
+/// The second half of [`group_share`].
+#[cfg(test)]
+fn per_stream_output(v: &SignalView) -> Option<f32> {
+    group_share(v).1
 }
 
 /// Runs every detector for one subject; `families` are the cross-index statistics of the
@@ -407,17 +415,17 @@ pub(crate) fn assess(
             (as_key(v.out_per_min), v.out_per_min, o.full_tokens_per_min)
         } else {
             let concentrated = v.out_per_min * v.concentration;
+            let (keys, per) = group_share(v);
             let group = ramp2(
                 concentrated,
                 o.group_min_tokens_per_min,
                 o.group_full_tokens_per_min,
                 o.group_extreme_tokens_per_min,
             ) * ramp(
-                concentrated / group_keys(v),
+                concentrated / keys,
                 o.group_min_tokens_per_key,
                 o.group_full_tokens_per_key,
             );
-            let per = per_stream_output(v);
             let stream = per.map_or(0.0, as_key);
             if stream > group {
                 (stream, per.unwrap_or(0.0), o.full_tokens_per_min)
